@@ -1,0 +1,1 @@
+//! Holds no code: the cross-part tests live in `e2e/`.
