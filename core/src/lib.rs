@@ -5,6 +5,7 @@
 //! Nothing in this crate opens a socket, spawns a runtime or loads ONNX Runtime or candle.
 #![forbid(unsafe_code)]
 
+pub mod budget;
 pub mod bundle;
 pub mod generation;
 pub mod help_marker;
