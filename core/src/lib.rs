@@ -10,3 +10,4 @@ pub mod bundle;
 pub mod generation;
 pub mod help_marker;
 pub mod kv_io;
+pub mod protocol;
