@@ -18,6 +18,26 @@ pub const IM_END: &str = "<|im_end|>";
 /// Special tokens, in id order (ids 0, 1, 2).
 pub const SPECIAL_TOKENS: [&str; 3] = [END_OF_TEXT, IM_START, IM_END];
 
+/// ChatML, the chat template of the Qwen family, written into `tokenizer_config.json` of the
+/// models Tandem creates.
+pub const CHATML_TEMPLATE: &str = "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + \
+    message['content'] + '<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}\
+    {{ '<|im_start|>assistant\\n' }}{% endif %}";
+
+/// The `tokenizer_config.json` of the models Tandem creates: chat template and special tokens.
+pub fn tokenizer_config_json() -> String {
+    serde_json::to_string_pretty(&serde_json::json!({
+        "chat_template": CHATML_TEMPLATE,
+        "eos_token": IM_END,
+        "pad_token": END_OF_TEXT,
+        "bos_token": null,
+        "add_bos_token": false,
+        "model_max_length": 32768,
+        "tokenizer_class": "PreTrainedTokenizerFast",
+    }))
+    .expect("static JSON serialises")
+}
+
 /// Text the default tokenizer is trained on: arithmetic, chat scaffolding and plain English.
 pub const DEFAULT_CORPUS: &str = include_str!("../assets/tokenizer-corpus.txt");
 

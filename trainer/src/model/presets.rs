@@ -32,7 +32,7 @@ impl Preset {
             tie_word_embeddings: tie,
             attention_bias: false,
             bos_token_id: None,
-            eos_token_ids: vec![0],
+            eos_token_ids: vec![2, 0],
         };
         match self {
             Preset::TinyQwen2 => tiny(ModelFamily::Qwen2, true),
@@ -52,7 +52,7 @@ impl Preset {
                 tie_word_embeddings: true,
                 attention_bias: false,
                 bos_token_id: None,
-                eos_token_ids: vec![0],
+                eos_token_ids: vec![2, 0],
             },
         }
     }

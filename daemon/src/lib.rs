@@ -1,0 +1,4 @@
+//! `tandemd`: the Tandem edge daemon. This library holds the parts the binary and the end-to-end
+//! tests share, starting with the ONNX Runtime inference engine.
+
+pub mod engine;

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# `make bench`: the engine against onnxruntime-genai on a random model with Qwen2.5-0.5B's shapes,
+# exported by our exporter. Everything lands in .bench/ (the 2 GB model is made once and reused).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+: "${ORT_DYLIB_PATH:?run through make bench}"
+GENAI_VERSION=0.18.0
+: "${ORT_VERSION:?run through make bench}"
+BENCH=.bench
+mkdir -p "$BENCH"
+
+echo "== building release binaries"
+cargo build --release -p tandemd -p tandem-train
+
+MODEL="$BENCH/qwen2.5-0.5b-shapes"
+if [ ! -f "$MODEL/manifest.json" ]; then
+    echo "== creating a random model with Qwen2.5-0.5B's shapes and exporting it (once; ~2 GB)"
+    ./target/release/tandem-train init --preset qwen2-5-0-5b --out "$BENCH/q05b-checkpoint" --seed 1
+    ./target/release/tandem-train export --from "$BENCH/q05b-checkpoint" --out "$MODEL" --overwrite
+    rm -rf "$BENCH/q05b-checkpoint"
+fi
+
+VENV="$BENCH/venv"
+if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import onnxruntime_genai" 2>/dev/null; then
+    echo "== installing onnxruntime-genai $GENAI_VERSION into $VENV"
+    python3 -m venv "$VENV"
+    "$VENV/bin/pip" install --quiet "onnxruntime-genai==$GENAI_VERSION" "onnxruntime==$ORT_VERSION"
+fi
+
+echo "== engine: tandemd vs onnxruntime-genai on the same model.onnx"
+"$VENV/bin/python" bench/engine_bench.py ./target/release/tandemd "$MODEL" "$VENV/bin/python" \
+    --threads "${BENCH_THREADS:-1,2}" --runs "${BENCH_RUNS:-3}"

@@ -1,0 +1,7 @@
+//! Cross-part tests: models created by `tandem-train`, exported to ONNX by its exporter, and run by
+//! `tandemd`'s engine (ONNX Runtime itself) and binary. One test binary for all of them.
+
+mod bad_input;
+mod cli;
+mod fixtures;
+mod parity;
