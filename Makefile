@@ -21,7 +21,11 @@ $(ORT_LIB): scripts/fetch-ort.sh
 build:
 	$(CARGO) build --workspace --bins
 
+# The e2e tests run the real binaries, so they are built first; the GPU build is type-checked so it
+# cannot rot on machines without a GPU.
 test: ort
+	$(CARGO) build --workspace --bins
+	$(CARGO) check -p tandemd --features gpu
 	$(CARGO) test --workspace --no-fail-fast
 
 demo: ort build

@@ -56,6 +56,9 @@ pub struct GenerateArgs {
     /// Path of libonnxruntime.so (else $ORT_DYLIB_PATH, else next to tandemd).
     #[arg(long, value_name = "PATH")]
     ort_library: Option<PathBuf>,
+    /// Keep generating through end-of-sequence tokens until --max-new-tokens (for benchmarks).
+    #[arg(long)]
+    ignore_eos: bool,
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
@@ -90,6 +93,8 @@ struct JsonOutput<'a> {
     finish_reason: FinishReason,
     prompt_tokens: usize,
     ort_version: &'a str,
+    /// Peak resident memory of this process, MB (Linux).
+    peak_rss_mb: Option<f64>,
 }
 
 pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
@@ -114,6 +119,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         decoding,
         stop_strings: args.stop.clone(),
         banned_token_ids: Vec::new(),
+        ignore_eos: args.ignore_eos,
     };
     // Parameters are checked before the (slow) model load.
     decoding.validate().map_err(tandemd::engine::EngineError::from)?;
@@ -150,6 +156,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
             finish_reason: generation.finish_reason,
             prompt_tokens: generation.prompt_tokens,
             ort_version: engine.runtime().version(),
+            peak_rss_mb: peak_rss_mb(),
         };
         println!("{}", serde_json::to_string(&output)?);
     } else {
@@ -178,6 +185,14 @@ fn generate(
         .generate(&[prompt], params, |event| on_text(&event.text_delta))
         .context("generation failed")?;
     generations.pop().context("no generation was returned")
+}
+
+/// Peak resident set size of this process (`VmHWM`), where /proc is available.
+fn peak_rss_mb() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0)
 }
 
 fn finish_name(reason: FinishReason) -> &'static str {

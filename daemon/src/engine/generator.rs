@@ -62,6 +62,8 @@ pub struct GenerationParams {
     pub stop_strings: Vec<String>,
     /// Token ids never generated (for example the help marker when the cloud budget is spent).
     pub banned_token_ids: Vec<u32>,
+    /// Generate through end-of-sequence tokens up to `max_new_tokens` (benchmarks).
+    pub ignore_eos: bool,
 }
 
 impl GenerationParams {
@@ -72,6 +74,7 @@ impl GenerationParams {
             decoding: Decoding::Greedy,
             stop_strings: Vec::new(),
             banned_token_ids: Vec::new(),
+            ignore_eos: false,
         }
     }
 }
@@ -226,6 +229,13 @@ pub fn generate<M: StepModel>(
     on_event: &mut dyn FnMut(StreamEvent),
 ) -> Result<Vec<Generation>, EngineError> {
     check_request(prompts, params, limits)?;
+    let limits_without_eos;
+    let limits = if params.ignore_eos {
+        limits_without_eos = ModelLimits { eos_token_ids: Vec::new(), ..limits.clone() };
+        &limits_without_eos
+    } else {
+        limits
+    };
     let stops = StopStrings::new(params.stop_strings.iter().cloned());
     if decoder.is_none() && !stops.is_empty() {
         return Err(EngineError::Config(
