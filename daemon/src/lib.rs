@@ -1,4 +1,8 @@
 //! `tandemd`: the Tandem edge daemon. This library holds the parts the binary and the end-to-end
 //! tests share, starting with the ONNX Runtime inference engine.
 
+pub mod chat;
 pub mod engine;
+pub mod mqtt;
+pub mod offload;
+pub mod telemetry;

@@ -118,8 +118,8 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         max_new_tokens: args.max_new_tokens,
         decoding,
         stop_strings: args.stop.clone(),
-        banned_token_ids: Vec::new(),
         ignore_eos: args.ignore_eos,
+        ..GenerationParams::greedy(args.max_new_tokens)
     };
     // Parameters are checked before the (slow) model load.
     decoding.validate().map_err(tandemd::engine::EngineError::from)?;
@@ -200,6 +200,7 @@ fn finish_name(reason: FinishReason) -> &'static str {
         FinishReason::Eos => "end of sequence",
         FinishReason::StopString => "stop string",
         FinishReason::Length => "max_new_tokens reached",
+        FinishReason::Cancelled => "cancelled",
     }
 }
 

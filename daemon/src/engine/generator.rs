@@ -4,10 +4,12 @@
 //! The loop only needs a [`StepModel`] (one forward pass) and optionally a [`TextDecoder`] (ids to
 //! text), so its rules are tested here without ONNX Runtime.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
-use tandem_core::generation::{Decoding, SamplingParams, StopStrings, TokenSampler};
+use tandem_core::generation::{Decoding, SamplingParams, StopStrings, TokenSampler, softmax_probability};
 
 use super::decoder_session::{DecoderSession, ForwardInput, KvCache, LogitsScope};
 use super::error::EngineError;
@@ -64,6 +66,46 @@ pub struct GenerationParams {
     pub banned_token_ids: Vec<u32>,
     /// Generate through end-of-sequence tokens up to `max_new_tokens` (benchmarks).
     pub ignore_eos: bool,
+    /// Added to the logits of these tokens before choosing (the help-marker bias).
+    pub logit_bias: Vec<(u32, f32)>,
+    /// Tokens whose probability is tracked to find the decision point (the help marker's opening
+    /// token); see [`Decision`].
+    pub watch_token_ids: Vec<u32>,
+    /// Stops generation when cancelled (a client that went away).
+    pub cancel: Option<CancelToken>,
+}
+
+/// A flag that ends a generation early; cheap to clone and share with another thread.
+#[derive(Debug, Clone, Default)]
+pub struct CancelToken(Arc<AtomicBool>);
+
+impl CancelToken {
+    /// Asks the generation to stop after the current step.
+    pub fn cancel(&self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether [`CancelToken::cancel`] was called.
+    pub fn is_cancelled(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+impl PartialEq for CancelToken {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+/// Where the model came closest to choosing a watched token, or chose one.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Decision {
+    /// Probability the model (before any bias) gave to the watched tokens at that step.
+    pub probability: f32,
+    /// Whether a watched token was chosen there.
+    pub chosen: bool,
+    /// Index of the generated token at that step.
+    pub step: usize,
 }
 
 impl GenerationParams {
@@ -75,6 +117,9 @@ impl GenerationParams {
             stop_strings: Vec::new(),
             banned_token_ids: Vec::new(),
             ignore_eos: false,
+            logit_bias: Vec::new(),
+            watch_token_ids: Vec::new(),
+            cancel: None,
         }
     }
 }
@@ -100,6 +145,8 @@ pub enum FinishReason {
     StopString,
     /// `max_new_tokens` were generated.
     Length,
+    /// The caller cancelled the generation.
+    Cancelled,
 }
 
 /// A new token of one row, as it is generated.
@@ -131,6 +178,8 @@ pub struct Generation {
     pub time_to_first_token: Duration,
     /// Tokens per second after the first one; `None` with fewer than two tokens.
     pub decode_tokens_per_second: Option<f64>,
+    /// The decision point for the watched tokens, when any were watched.
+    pub decision: Option<Decision>,
 }
 
 /// A left-padded batch: every prompt ends at the same column.
@@ -217,6 +266,7 @@ struct Row {
     finished: Option<FinishReason>,
     first_token_at: Option<Instant>,
     last_token_at: Option<Instant>,
+    decision: Option<Decision>,
 }
 
 /// Generates for every prompt of the batch. `on_event` sees each token as it is chosen.
@@ -255,6 +305,7 @@ pub fn generate<M: StepModel>(
                 finished: None,
                 first_token_at: None,
                 last_token_at: None,
+                decision: None,
             })
         })
         .collect::<Result<Vec<_>, EngineError>>()?;
@@ -283,12 +334,42 @@ pub fn generate<M: StepModel>(
         });
     }
 
+    let mut biased = Vec::new();
     loop {
+        if params.cancel.as_ref().is_some_and(CancelToken::is_cancelled) {
+            for row in rows.iter_mut().filter(|r| r.finished.is_none()) {
+                row.finished = Some(FinishReason::Cancelled);
+            }
+            break;
+        }
         for (index, row) in rows.iter_mut().enumerate() {
             if row.finished.is_some() {
                 continue;
             }
-            let token = row.sampler.next_token(logits.last(index), &params.banned_token_ids);
+            let raw = logits.last(index);
+            let watched_probability = (!params.watch_token_ids.is_empty())
+                .then(|| params.watch_token_ids.iter().map(|&t| softmax_probability(raw, t)).sum::<f32>());
+            let scores = if params.logit_bias.is_empty() {
+                raw
+            } else {
+                biased.clear();
+                biased.extend_from_slice(raw);
+                for &(token, bias) in &params.logit_bias {
+                    if let Some(score) = biased.get_mut(token as usize) {
+                        *score += bias;
+                    }
+                }
+                &biased
+            };
+            let token = row.sampler.next_token(scores, &params.banned_token_ids);
+            if let Some(probability) = watched_probability {
+                let chosen = params.watch_token_ids.contains(&token);
+                let step = row.ids.len();
+                let closer = row.decision.is_none_or(|d| !d.chosen && probability > d.probability);
+                if chosen || closer {
+                    row.decision = Some(Decision { probability, chosen, step });
+                }
+            }
             let now = Instant::now();
             row.first_token_at.get_or_insert(now);
             row.last_token_at = Some(now);
@@ -397,6 +478,7 @@ fn finish_row(row: Row, start: Instant) -> Generation {
         prompt_tokens: row.prompt_tokens,
         time_to_first_token,
         decode_tokens_per_second,
+        decision: row.decision,
     }
 }
 
@@ -467,6 +549,56 @@ mod tests {
         assert_eq!(padded.input_ids, [5, 6, 7, 0, 0, 9]);
         assert_eq!(padded.attention_mask, [1, 1, 1, 0, 0, 1]);
         assert_eq!(padded.position_ids, [0, 1, 2, 0, 0, 0]);
+    }
+
+    #[test]
+    fn a_logit_bias_changes_the_choice() {
+        let params = GenerationParams { logit_bias: vec![(9, 5.0)], ..GenerationParams::greedy(2) };
+        let (result, _, _) = run(&[vec![1]], &params, &ModelLimits::default());
+        assert_eq!(result.unwrap()[0].ids, [9, 9]);
+    }
+
+    #[test]
+    fn the_decision_is_where_a_watched_token_was_chosen_with_its_unbiased_probability() {
+        // The fake favours last+1: from prompt [4] it generates 5, 6, 7 ...; watch token 6.
+        let params = GenerationParams { watch_token_ids: vec![6], ..GenerationParams::greedy(4) };
+        let (result, _, _) = run(&[vec![4]], &params, &ModelLimits::default());
+        let decision = result.unwrap()[0].decision.unwrap();
+        assert!(decision.chosen);
+        assert_eq!(decision.step, 1);
+        let expected = std::f32::consts::E / (std::f32::consts::E + 15.0);
+        assert!((decision.probability - expected).abs() < 1e-5, "{decision:?}");
+    }
+
+    #[test]
+    fn without_a_watched_choice_the_decision_is_the_closest_step() {
+        let params = GenerationParams {
+            watch_token_ids: vec![15],
+            banned_token_ids: vec![15],
+            ..GenerationParams::greedy(3)
+        };
+        let (result, _, _) = run(&[vec![13]], &params, &ModelLimits::default());
+        let decision = result.unwrap()[0].decision.unwrap();
+        assert!(!decision.chosen);
+        assert_eq!(decision.step, 1, "token 15 was most likely right after 14");
+    }
+
+    #[test]
+    fn cancelling_ends_generation_early() {
+        let cancel = CancelToken::default();
+        let params = GenerationParams { cancel: Some(cancel.clone()), ..GenerationParams::greedy(10) };
+        let mut model = CountingModel { seen: Vec::new() };
+        let mut seen = 0;
+        let result =
+            generate(&mut model, Some(&Letters), &ModelLimits::default(), &[vec![1]], &params, &mut |_| {
+                seen += 1;
+                if seen == 3 {
+                    cancel.cancel();
+                }
+            });
+        let generation = &result.unwrap()[0];
+        assert_eq!(generation.finish_reason, FinishReason::Cancelled);
+        assert_eq!(generation.ids.len(), 3);
     }
 
     #[test]

@@ -24,8 +24,8 @@ pub use decoder_session::{DecoderSession, ForwardInput, KvCache, LogitsScope};
 pub use engine::Engine;
 pub use error::EngineError;
 pub use generator::{
-    FinishReason, Generation, GenerationParams, ModelLimits, PaddedBatch, StepModel, StreamEvent,
-    TextDecoder, check_request, generate,
+    CancelToken, Decision, FinishReason, Generation, GenerationParams, ModelLimits, PaddedBatch, StepModel,
+    StreamEvent, TextDecoder, check_request, generate,
 };
 pub use io_layout::{FloatType, IoLayout, LayoutHints, TensorSpec};
 pub use logits::Logits;
