@@ -5,4 +5,5 @@ pub mod chat;
 pub mod engine;
 pub mod mqtt;
 pub mod offload;
+pub mod router;
 pub mod telemetry;

@@ -2,10 +2,10 @@
 
 use std::path::{Path, PathBuf};
 
-use candle_core::Device;
+use candle_core::{DType, Device, IndexOp, Tensor};
 use tandem_train::export::{ExportOptions, ExternalData, export_bundle};
 use tandem_train::model::presets::Preset;
-use tandem_train::model::{ModelConfig, TrainableModel};
+use tandem_train::model::{Decoder, KvCache, Mode, ModelConfig, TrainableModel};
 use tandem_train::tokenizer_training::{DEFAULT_CORPUS, train_bpe_tokenizer};
 use tandemd::engine::{Engine, EngineConfig};
 
@@ -15,12 +15,23 @@ pub const PARITY_INIT_STD: f64 = 0.2;
 /// A random model saved as a checkpoint and exported as a bundle, in a temporary folder.
 pub struct ExportedModel {
     _dir: tempfile::TempDir,
+    /// The Hugging Face checkpoint folder the bundle was exported from.
+    pub checkpoint: PathBuf,
     pub bundle: PathBuf,
     pub model: TrainableModel,
 }
 
 impl ExportedModel {
     pub fn new(config: &ModelConfig, seed: u64, external_data: ExternalData) -> Self {
+        Self::with_options(
+            config,
+            seed,
+            ExportOptions { external_data, ..ExportOptions::new("test-model", "1") },
+        )
+    }
+
+    /// Exports with `options` (attention variant, external data, ...).
+    pub fn with_options(config: &ModelConfig, seed: u64, options: ExportOptions) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let checkpoint = dir.path().join("checkpoint");
         let bundle = dir.path().join("bundle");
@@ -28,9 +39,8 @@ impl ExportedModel {
         model.save(&checkpoint).unwrap();
         train_bpe_tokenizer(DEFAULT_CORPUS, config.vocab_size.min(512), &checkpoint.join("tokenizer.json"))
             .unwrap();
-        let options = ExportOptions { external_data, ..ExportOptions::new("test-model", "1") };
         export_bundle(&checkpoint, &bundle, &options).unwrap();
-        Self { _dir: dir, bundle, model }
+        Self { _dir: dir, checkpoint, bundle, model }
     }
 
     pub fn preset(preset: Preset, seed: u64) -> Self {
@@ -82,4 +92,26 @@ pub fn argmax(values: &[f32]) -> u32 {
         }
     }
     best as u32
+}
+
+/// Candle's greedy continuation of one unpadded prompt.
+pub fn candle_greedy(model: &Decoder, prompt: &[u32], steps: usize) -> Vec<u32> {
+    let mut cache = KvCache::new(model.config().num_hidden_layers);
+    let mut tokens = prompt.to_vec();
+    let mut generated = Vec::new();
+    let mut input = prompt.to_vec();
+    for _ in 0..steps {
+        let start = tokens.len() - input.len();
+        let ids = Tensor::new(input.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+        let mask = Tensor::ones((1, tokens.len()), DType::U32, &Device::Cpu).unwrap();
+        let pos =
+            Tensor::arange(start as u32, tokens.len() as u32, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
+        let hidden = model.forward(&ids, &mask, &pos, Some(&mut cache), Mode::Infer).unwrap();
+        let logits = model.logits(&hidden).unwrap().i((0, input.len() - 1)).unwrap();
+        let next = argmax(&to_vec(&logits));
+        generated.push(next);
+        tokens.push(next);
+        input = vec![next];
+    }
+    generated
 }

@@ -4,4 +4,5 @@
 mod bad_input;
 mod cli;
 mod fixtures;
+mod foreign_formats;
 mod parity;

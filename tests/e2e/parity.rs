@@ -2,13 +2,13 @@
 //! logits within 1e-4 and identical greedy tokens through prefill and 24 decode steps, for a
 //! Qwen2-style (tied head, biases) and a Llama-style (untied head) model, also on a left-padded batch.
 
-use candle_core::{DType, Device, IndexOp, Tensor};
+use candle_core::{Device, Tensor};
 use tandem_train::export::ExternalData;
 use tandem_train::model::presets::Preset;
 use tandem_train::model::{Decoder, KvCache, Mode};
 use tandemd::engine::{Engine, ForwardInput, GenerationParams, LogitsScope, PaddedBatch};
 
-use crate::fixtures::{ExportedModel, argmax, load_engine, max_abs_diff, to_vec};
+use crate::fixtures::{ExportedModel, argmax, candle_greedy, load_engine, max_abs_diff, to_vec};
 
 const TOLERANCE: f32 = 1e-4;
 const DECODE_STEPS: usize = 24;
@@ -40,7 +40,7 @@ fn candle_step(
 }
 
 /// Runs prefill then greedy decode on both runtimes in lock step and compares every logit.
-fn assert_lockstep_parity(exported: &ExportedModel, prompts: &[Vec<u32>]) {
+pub(crate) fn assert_lockstep_parity(exported: &ExportedModel, prompts: &[Vec<u32>]) {
     let model = &exported.model.decoder;
     let vocab = model.config().vocab_size;
     let mut engine: Engine = load_engine(&exported.bundle);
@@ -94,28 +94,6 @@ fn assert_lockstep_parity(exported: &ExportedModel, prompts: &[Vec<u32>]) {
         }
     }
     assert_eq!(past.len(), width + DECODE_STEPS);
-}
-
-/// Candle's greedy continuation of one unpadded prompt.
-fn candle_greedy(model: &Decoder, prompt: &[u32], steps: usize) -> Vec<u32> {
-    let mut cache = KvCache::new(model.config().num_hidden_layers);
-    let mut tokens = prompt.to_vec();
-    let mut generated = Vec::new();
-    let mut input = prompt.to_vec();
-    for _ in 0..steps {
-        let start = tokens.len() - input.len();
-        let ids = Tensor::new(input.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap();
-        let mask = Tensor::ones((1, tokens.len()), DType::U32, &Device::Cpu).unwrap();
-        let pos =
-            Tensor::arange(start as u32, tokens.len() as u32, &Device::Cpu).unwrap().unsqueeze(0).unwrap();
-        let hidden = model.forward(&ids, &mask, &pos, Some(&mut cache), Mode::Infer).unwrap();
-        let logits = model.logits(&hidden).unwrap().i((0, input.len() - 1)).unwrap();
-        let next = argmax(&to_vec(&logits));
-        generated.push(next);
-        tokens.push(next);
-        input = vec![next];
-    }
-    generated
 }
 
 #[test]

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use candle_core::Device;
 use clap::{Parser, Subcommand, ValueEnum};
-use tandem_train::export::{ExportOptions, ExternalData, export_bundle};
+use tandem_train::export::{AttentionKind, ExportOptions, ExternalData, export_bundle};
 use tandem_train::model::presets::Preset;
 use tandem_train::model::{DEFAULT_INIT_STD, TrainableModel};
 use tandem_train::tokenizer_training::{DEFAULT_CORPUS, tokenizer_config_json, train_bpe_tokenizer};
@@ -59,6 +59,10 @@ enum Command {
         /// Where the weights go: inside model.onnx, or model.onnx.data.
         #[arg(long, value_enum, default_value = "auto")]
         external_data: ExternalDataArg,
+        /// Attention graph: portable standard ops, or onnxruntime-genai's fused GroupQueryAttention
+        /// (batch-1 daemons only: wrong on left-padded batches).
+        #[arg(long, value_enum, default_value = "standard")]
+        attention: AttentionArg,
         /// Replace an existing bundle at --out.
         #[arg(long)]
         overwrite: bool,
@@ -73,6 +77,14 @@ enum ExternalDataArg {
     Always,
     /// Never; fails for models near 2 GiB.
     Never,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum AttentionArg {
+    /// Standard opset-17 ops with position_ids; runs everywhere, exact on padded batches.
+    Standard,
+    /// com.microsoft GroupQueryAttention, genai-builder I/O (no position_ids); batch 1 only.
+    Gqa,
 }
 
 fn main() -> ExitCode {
@@ -108,7 +120,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .with_context(|| format!("writing {}", out.join("tokenizer_config.json").display()))?;
             println!("created a {preset:?} model (seed {seed}) in {}", out.display());
         }
-        Command::Export { from, out, name, version, external_data, overwrite } => {
+        Command::Export { from, out, name, version, external_data, attention, overwrite } => {
             let name = name
                 .or_else(|| from.file_name().map(|n| n.to_string_lossy().into_owned()))
                 .unwrap_or_else(|| "model".into());
@@ -117,6 +129,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     ExternalDataArg::Auto => ExternalData::Auto,
                     ExternalDataArg::Always => ExternalData::Always,
                     ExternalDataArg::Never => ExternalData::Never,
+                },
+                attention: match attention {
+                    AttentionArg::Standard => AttentionKind::Standard,
+                    AttentionArg::Gqa => AttentionKind::GroupQueryAttention,
                 },
                 overwrite,
                 ..ExportOptions::new(name, version)

@@ -4,6 +4,7 @@
 
 use std::path::Path;
 
+use tandem_core::help_marker::{HELP_CLOSE_TAG, HELP_OPEN_TAG};
 use tokenizers::models::bpe::{BPE, BpeTrainerBuilder};
 use tokenizers::normalizers::NormalizerWrapper;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
@@ -15,8 +16,10 @@ pub const END_OF_TEXT: &str = "<|endoftext|>";
 pub const IM_START: &str = "<|im_start|>";
 /// Closes a chat turn.
 pub const IM_END: &str = "<|im_end|>";
-/// Special tokens, in id order (ids 0, 1, 2).
-pub const SPECIAL_TOKENS: [&str; 3] = [END_OF_TEXT, IM_START, IM_END];
+/// Special tokens, in id order (ids 0 to 4). The help marker's tags are single tokens, so the
+/// policy's choice to ask for help is one token: its probability is the decision probability, a
+/// bias on its logit steers the choice, and banning it forbids asking.
+pub const SPECIAL_TOKENS: [&str; 5] = [END_OF_TEXT, IM_START, IM_END, HELP_OPEN_TAG, HELP_CLOSE_TAG];
 
 /// ChatML, the chat template of the Qwen family, written into `tokenizer_config.json` of the
 /// models Tandem creates.
@@ -44,7 +47,7 @@ pub const DEFAULT_CORPUS: &str = include_str!("../assets/tokenizer-corpus.txt");
 /// Errors training or saving a tokenizer.
 #[derive(Debug, thiserror::Error)]
 pub enum TokenizerTrainingError {
-    #[error("vocab_size {0} is too small: a byte-level tokenizer needs at least 256 + 3 special tokens")]
+    #[error("vocab_size {0} is too small: a byte-level tokenizer needs at least 256 + 5 special tokens")]
     VocabTooSmall(usize),
     #[error("training the tokenizer failed: {0}")]
     Train(String),
@@ -99,6 +102,8 @@ mod tests {
         for (id, special) in SPECIAL_TOKENS.iter().enumerate() {
             assert_eq!(tok.token_to_id(special), Some(id as u32));
         }
+        let marker = tok.encode(tandem_core::help_marker::HELP_MARKER, false).unwrap();
+        assert_eq!(marker.get_ids()[0], 3, "the opening tag is one token");
         let text = "Using 3, 7, 25: (25 - 7) * 3 = 54 — ünïcode ✓";
         let enc = tok.encode(text, false).unwrap();
         assert_eq!(tok.decode(enc.get_ids(), false).unwrap(), text);

@@ -134,6 +134,26 @@ impl Engine {
             self.tokenizer()?;
         }
         let decoder = self.tokenizer.as_ref().map(|t| t as &dyn TextDecoder);
+        let uneven = prompts.windows(2).any(|w| w[0].len() != w[1].len());
+        if uneven && !self.session.layout().has_position_ids {
+            // Graphs without position_ids (GroupQueryAttention) read padding as right padding, so a
+            // left-padded batch would be wrong: run the rows one at a time instead.
+            let mut generations = Vec::with_capacity(prompts.len());
+            for (row, prompt) in prompts.iter().enumerate() {
+                let mut forward_row = |event: StreamEvent| on_event(StreamEvent { row, ..event });
+                let params = row_params(params, row);
+                let single = std::slice::from_ref(prompt);
+                generations.extend(generator::generate(
+                    &mut self.session,
+                    decoder,
+                    &self.limits,
+                    single,
+                    &params,
+                    &mut forward_row,
+                )?);
+            }
+            return Ok(generations);
+        }
         let generations =
             generator::generate(&mut self.session, decoder, &self.limits, prompts, params, &mut on_event)?;
         Ok(generations)
@@ -232,4 +252,18 @@ mod tests {
         assert_send::<Engine>();
         assert_send::<KvCache>();
     }
+}
+
+/// The parameters row `row` of a batch would get: sampling seeds are per row (seed + row).
+fn row_params(params: &GenerationParams, row: usize) -> GenerationParams {
+    let decoding = match params.decoding {
+        tandem_core::generation::Decoding::Sample(p) => {
+            tandem_core::generation::Decoding::Sample(tandem_core::generation::SamplingParams {
+                seed: p.seed.wrapping_add(row as u64),
+                ..p
+            })
+        }
+        greedy => greedy,
+    };
+    GenerationParams { decoding, ..params.clone() }
 }

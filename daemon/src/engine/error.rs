@@ -49,9 +49,10 @@ pub enum EngineError {
     ModelDirMissing { path: PathBuf },
 
     #[error(
-        "{} not found; a model directory must contain model.onnx (plus model.onnx.data for external \
-         weights) and tokenizer.json, and either manifest.json (Tandem bundle), genai_config.json \
-         (onnxruntime-genai) or config.json (optimum/torch export)",
+        "{} not found: it is the decoder graph of this model directory (model.onnx, or the \
+         model.decoder.filename of genai_config.json). A model directory holds the graph (plus \
+         model.onnx.data for external weights), tokenizer.json, and manifest.json (Tandem bundle), \
+         genai_config.json (onnxruntime-genai) or config.json (optimum/torch export)",
         path.display()
     )]
     ModelFileMissing { path: PathBuf },

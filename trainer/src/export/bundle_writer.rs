@@ -16,7 +16,9 @@ use tandem_core::bundle::{
 };
 use tandem_core::help_marker::HELP_MARKER;
 
-use super::{ExportError, ExportOptions, OPSET_VERSION, genai_config, write_decoder_onnx, write_synced};
+use super::{
+    AttentionKind, ExportError, ExportOptions, OPSET_VERSION, genai_config, write_decoder_onnx, write_synced,
+};
 use crate::model::checkpoint::HfCheckpoint;
 use crate::model::config::ModelConfig;
 
@@ -79,19 +81,20 @@ pub fn write_bundle(
     let staging = scratch.path.clone();
 
     let vb = checkpoint.weights(DType::F32, &Device::Cpu)?;
-    let written = write_decoder_onnx(&checkpoint.config, &vb, &staging, opts.external_data)?;
+    let written = write_decoder_onnx(&checkpoint.config, &vb, &staging, opts.external_data, opts.attention)?;
     drop(vb);
     tracing::info!(
         nodes = written.nodes,
         weight_bytes = written.weight_bytes,
         external = written.data_path.is_some(),
+        attention = ?opts.attention,
         "decoder graph written"
     );
     copy_file(&tokenizer, &staging.join(TOKENIZER_FILE))?;
     if let Some(tokenizer_config) = &tokenizer_config {
         copy_file(tokenizer_config, &staging.join(TOKENIZER_CONFIG_FILE))?;
     }
-    let genai = serde_json::to_string_pretty(&genai_config(&checkpoint.config))
+    let genai = serde_json::to_string_pretty(&genai_config(&checkpoint.config, opts.attention))
         .map_err(|e| ExportError::InvalidOptions(format!("genai_config.json: {e}")))?;
     write_synced(&staging.join(GENAI_CONFIG_FILE), genai.as_bytes())?;
 
@@ -103,7 +106,11 @@ pub fn write_bundle(
         chat_template,
         help_marker: opts.help_marker.clone().unwrap_or_else(|| HELP_MARKER.to_string()),
         eos_token_ids: checkpoint.config.eos_token_ids.clone(),
-        io: DecoderIo { position_ids: true, kv_dtype: "float32".to_string(), opset: OPSET_VERSION },
+        io: DecoderIo {
+            position_ids: opts.attention == AttentionKind::Standard,
+            kv_dtype: "float32".to_string(),
+            opset: OPSET_VERSION,
+        },
         files: digest_files(&staging)?,
         provenance: Provenance {
             parent_version: opts.parent_version.clone(),
@@ -331,6 +338,23 @@ mod tests {
         assert_eq!(manifest.io, DecoderIo { position_ids: true, kv_dtype: "float32".into(), opset: 17 });
         assert_eq!(manifest.provenance.source.as_deref(), Some("tiny-qwen"));
         assert!(files_in(root.path()).iter().all(|n| !n.starts_with('.')), "no scratch directory left");
+    }
+
+    #[test]
+    fn group_query_attention_bundle_records_that_the_graph_takes_no_position_ids() {
+        let root = tempfile::tempdir().unwrap();
+        let checkpoint = root.path().join("tiny-qwen");
+        tiny_checkpoint(&checkpoint, true);
+        let out = root.path().join("bundle");
+        let opts = ExportOptions {
+            attention: AttentionKind::GroupQueryAttention,
+            ..ExportOptions::new("tiny", "1")
+        };
+        let manifest = write_bundle(&checkpoint, &out, &opts).unwrap();
+        assert!(!manifest.io.position_ids);
+        let genai: serde_json::Value =
+            serde_json::from_str(&fs::read_to_string(out.join(GENAI_CONFIG_FILE)).unwrap()).unwrap();
+        assert!(genai["model"]["decoder"]["inputs"].get("position_ids").is_none());
     }
 
     #[test]

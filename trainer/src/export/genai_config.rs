@@ -1,13 +1,17 @@
 //! `genai_config.json` for onnxruntime-genai, so that genai runs the exported `model.onnx` as is.
 //!
 //! The keys follow what onnxruntime-genai's model builder writes (genai 0.18 schema); genai
-//! rejects unknown keys, so nothing else is added. The graph concatenates past and new keys into
-//! `present`, so `past_present_share_buffer` must be false.
+//! rejects unknown keys, so nothing else is added. The standard graph concatenates past and new
+//! keys into `present`, so `past_present_share_buffer` must be false for it. The
+//! `GroupQueryAttention` variant gets what the builder writes for it: no `position_ids` input and
+//! `past_present_share_buffer` true (genai then keeps one max-length cache buffer, which the op
+//! writes in place; fed a growing cache instead, as Tandem's engine does, it works the same).
 
 use serde_json::{Value, json};
 use tandem_core::bundle::MODEL_FILE;
 use tandem_core::kv_io::{self, KvKind};
 
+use super::AttentionKind;
 use crate::model::config::ModelConfig;
 
 /// `past_key_values.%d.key`-style name templates genai formats with the layer index.
@@ -16,8 +20,8 @@ fn layer_template(name_of_layer_0: String) -> String {
     name_of_layer_0.replacen(".0.", ".%d.", 1)
 }
 
-/// The genai configuration for a decoder exported from `config`.
-pub fn genai_config(config: &ModelConfig) -> Value {
+/// The genai configuration for a decoder exported from `config` with `attention`.
+pub fn genai_config(config: &ModelConfig, attention: AttentionKind) -> Value {
     let context_length = config.max_position_embeddings;
     let mut model = json!({
         "type": config.model_type.as_str(),
@@ -45,6 +49,12 @@ pub fn genai_config(config: &ModelConfig) -> Value {
             },
         },
     });
+    if attention == AttentionKind::GroupQueryAttention {
+        // genai feeds every input named here; the fused graph derives positions from the mask.
+        if let Some(inputs) = model["decoder"]["inputs"].as_object_mut() {
+            inputs.remove("position_ids");
+        }
+    }
     if let Some(bos) = config.bos_token_id {
         model["bos_token_id"] = bos.into();
     }
@@ -69,7 +79,7 @@ pub fn genai_config(config: &ModelConfig) -> Value {
             "no_repeat_ngram_size": 0,
             "num_beams": 1,
             "num_return_sequences": 1,
-            "past_present_share_buffer": false,
+            "past_present_share_buffer": attention == AttentionKind::GroupQueryAttention,
             "repetition_penalty": 1.0,
             "temperature": 1.0,
             "top_k": 1,
@@ -85,7 +95,7 @@ mod tests {
 
     #[test]
     fn cache_name_templates_expand_to_the_graph_names() {
-        let v = genai_config(&tiny_config(true));
+        let v = genai_config(&tiny_config(true), AttentionKind::Standard);
         let inputs = &v["model"]["decoder"]["inputs"];
         let outputs = &v["model"]["decoder"]["outputs"];
         let expand = |t: &Value, layer: usize| t.as_str().unwrap().replace("%d", &layer.to_string());
@@ -103,7 +113,7 @@ mod tests {
     #[test]
     fn genai_config_carries_the_model_dimensions_and_stop_tokens() {
         let config = tiny_config(true);
-        let v = genai_config(&config);
+        let v = genai_config(&config, AttentionKind::Standard);
         assert_eq!(v["model"]["type"], "qwen2");
         assert_eq!(v["model"]["context_length"], config.max_position_embeddings);
         assert_eq!(v["model"]["decoder"]["head_size"], config.head_dim);
@@ -112,5 +122,17 @@ mod tests {
         assert_eq!(v["model"]["pad_token_id"], 2);
         assert_eq!(v["search"]["max_length"], config.max_position_embeddings);
         assert_eq!(v["search"]["past_present_share_buffer"], false);
+    }
+
+    #[test]
+    fn group_query_attention_config_names_no_position_ids() {
+        let standard = genai_config(&tiny_config(true), AttentionKind::Standard);
+        assert_eq!(standard["model"]["decoder"]["inputs"]["position_ids"], kv_io::POSITION_IDS);
+        let fused = genai_config(&tiny_config(true), AttentionKind::GroupQueryAttention);
+        let inputs = fused["model"]["decoder"]["inputs"].as_object().unwrap();
+        assert!(!inputs.contains_key("position_ids"), "{inputs:?}");
+        assert_eq!(inputs["attention_mask"], kv_io::ATTENTION_MASK);
+        assert_eq!(fused["model"]["decoder"]["head_size"], 8);
+        assert_eq!(fused["search"]["past_present_share_buffer"], true);
     }
 }

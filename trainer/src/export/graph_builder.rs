@@ -1,12 +1,13 @@
 //! A small, model-agnostic ONNX graph builder.
 //!
 //! It hands out unique value and node names, collects nodes, graph inputs/outputs with symbolic
-//! dimensions and initializers, and produces a `ModelProto` (IR 8, default-domain opset 17). With
+//! dimensions and initializers, and produces a `ModelProto` (IR 8, default-domain opset 17, plus an
+//! opset import for every other domain a node was added in, such as ONNX Runtime's contrib ops). With
 //! external data on, every initializer of at least [`EXTERNAL_DATA_THRESHOLD`] bytes is streamed
 //! straight into the data file at a 64-byte aligned offset as it is added, so a large model's
 //! weights are never held in memory twice.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
@@ -26,6 +27,16 @@ pub const OPSET_VERSION: i64 = 17;
 pub const EXTERNAL_DATA_THRESHOLD: usize = 1024;
 /// Alignment of each tensor inside the external data file (lets runtimes mmap tensors directly).
 pub const EXTERNAL_DATA_ALIGNMENT: u64 = 64;
+
+/// An operator set other than the default `ai.onnx` one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OpsetId {
+    pub domain: &'static str,
+    pub version: i64,
+}
+
+/// ONNX Runtime's contrib operators (`GroupQueryAttention`, ...), version 1 as ONNX Runtime registers them.
+pub const MICROSOFT_OPSET: OpsetId = OpsetId { domain: "com.microsoft", version: 1 };
 
 /// Element type of a graph value or initializer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -201,6 +212,8 @@ pub struct GraphBuilder {
     value_names: Namer,
     node_names: Namer,
     constants: HashMap<ConstKey, String>,
+    /// Versions of the non-default domains nodes were added in, for the opset imports.
+    domains: BTreeMap<&'static str, i64>,
     scope: String,
     external: Option<ExternalDataWriter>,
 }
@@ -226,6 +239,7 @@ impl GraphBuilder {
             value_names: Namer::default(),
             node_names: Namer::default(),
             constants: HashMap::new(),
+            domains: BTreeMap::new(),
             scope: String::new(),
             external: None,
         }
@@ -307,13 +321,24 @@ impl GraphBuilder {
         attrs: Vec<AttributeProto>,
         outputs: Vec<String>,
     ) {
+        self.push_node_in(None, op_type, inputs, attrs, outputs);
+    }
+
+    fn push_node_in(
+        &mut self,
+        opset: Option<OpsetId>,
+        op_type: &str,
+        inputs: &[&str],
+        attrs: Vec<AttributeProto>,
+        outputs: Vec<String>,
+    ) {
         let name = self.node_names.fresh(&self.scoped(op_type));
         self.nodes.push(NodeProto {
             input: inputs.iter().map(|s| s.to_string()).collect(),
             output: outputs,
             name,
             op_type: op_type.to_string(),
-            domain: String::new(),
+            domain: opset.map_or_else(String::new, |o| o.domain.to_string()),
             attribute: attrs,
             doc_string: String::new(),
         });
@@ -338,6 +363,38 @@ impl GraphBuilder {
         self.reserve_exact(output)?;
         self.push_node(op_type, inputs, attrs, vec![output.to_string()]);
         Ok(output.to_string())
+    }
+
+    /// Adds a node of another operator set (recorded in the model's opset imports). Each entry of
+    /// `outputs` is an exact name (a graph output, for example) or `None` for a fresh one; returns
+    /// the output names in order.
+    pub fn op_in(
+        &mut self,
+        opset: OpsetId,
+        op_type: &str,
+        inputs: &[&str],
+        attrs: Vec<AttributeProto>,
+        outputs: &[Option<&str>],
+    ) -> Result<Vec<String>, ExportError> {
+        let version = *self.domains.entry(opset.domain).or_insert(opset.version);
+        if version != opset.version {
+            return Err(ExportError::InvalidOptions(format!(
+                "operator set {} is used at versions {version} and {}",
+                opset.domain, opset.version
+            )));
+        }
+        let mut names = Vec::with_capacity(outputs.len());
+        for (i, output) in outputs.iter().enumerate() {
+            match output {
+                Some(exact) => {
+                    self.reserve_exact(exact)?;
+                    names.push(exact.to_string());
+                }
+                None => names.push(self.value_names.fresh(&format!("{}_out{i}", self.scoped(op_type)))),
+            }
+        }
+        self.push_node_in(Some(opset), op_type, inputs, attrs, names.clone());
+        Ok(names)
     }
 
     fn push_initializer(
@@ -438,9 +495,14 @@ impl GraphBuilder {
             output: self.outputs,
             ..Default::default()
         };
+        let default_opset = OperatorSetIdProto { domain: String::new(), version: OPSET_VERSION };
+        let other_opsets = self
+            .domains
+            .iter()
+            .map(|(&domain, &version)| OperatorSetIdProto { domain: domain.to_string(), version });
         let model = ModelProto {
             ir_version: IR_VERSION,
-            opset_import: vec![OperatorSetIdProto { domain: String::new(), version: OPSET_VERSION }],
+            opset_import: std::iter::once(default_opset).chain(other_opsets).collect(),
             producer_name: "tandem-train".to_string(),
             producer_version: env!("CARGO_PKG_VERSION").to_string(),
             doc_string: doc_string.to_string(),

@@ -3,7 +3,8 @@
 //! [`export_bundle`] turns a Hugging Face checkpoint folder (config, safetensors, tokenizer) into a
 //! Tandem model bundle: `model.onnx` (+ `model.onnx.data`), `tokenizer.json`, `genai_config.json`
 //! and `manifest.json`. [`write_decoder_onnx`] writes just the graph from weights already opened
-//! as a `VarBuilder`.
+//! as a `VarBuilder`. [`AttentionKind`] chooses between the portable standard-op graph and the
+//! onnxruntime-genai style graph with ONNX Runtime's fused `GroupQueryAttention`.
 //!
 //! Layout: `graph_builder` is a generic ONNX graph builder, `decoder_graph` emits the decoder with
 //! it, `genai_config` describes the graph to onnxruntime-genai and `bundle_writer` assembles the
@@ -101,11 +102,35 @@ impl ExternalData {
     }
 }
 
+/// How the exported decoder computes attention.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum AttentionKind {
+    /// Standard opset-17 ops only: rotary embedding from a `position_ids` input, a causal and
+    /// padding mask, an explicit softmax; key and value caches interleaved per layer. Every
+    /// execution provider and old edge runtimes run it, and it is exact on left-padded batches.
+    #[default]
+    Standard,
+    /// The graph onnxruntime-genai's model builder writes for the CPU execution provider: one
+    /// ONNX Runtime contrib `GroupQueryAttention` (`com.microsoft`) per layer, applying the rotary
+    /// embedding itself from `cos_cache`/`sin_cache` tables (Hugging Face's non-interleaved
+    /// convention); no `position_ids` input, as positions come from `attention_mask`; all key caches
+    /// listed before all value caches; and the caches' head size left symbolic (`kv_cache_dim`), so
+    /// a runtime must read it from `genai_config.json` (`head_size`).
+    ///
+    /// **For batch-1 daemons only.** The op derives each row's length as `sum(attention_mask) - 1`
+    /// and treats padding as right padding, so a left-padded batch (what Tandem's engine builds for
+    /// prompts of different lengths) gives wrong results for the padded rows. It needs an ONNX
+    /// Runtime with the contrib operators (checked with 1.31); TensorRT cannot parse it.
+    GroupQueryAttention,
+}
+
 /// How [`export_bundle`] packages a checkpoint.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExportOptions {
     /// Where the weights go.
     pub external_data: ExternalData,
+    /// Which attention graph to write; see [`AttentionKind`] before choosing the fused one.
+    pub attention: AttentionKind,
     /// Model name recorded in the manifest, for example `countdown-policy`.
     pub name: String,
     /// Version of this build of the model, unique per name.
@@ -119,10 +144,12 @@ pub struct ExportOptions {
 }
 
 impl ExportOptions {
-    /// Options with defaults: automatic external data, no overwriting, the default help marker.
+    /// Options with defaults: automatic external data, standard attention, no overwriting, the
+    /// default help marker.
     pub fn new(name: impl Into<String>, version: impl Into<String>) -> Self {
         Self {
             external_data: ExternalData::Auto,
+            attention: AttentionKind::Standard,
             name: name.into(),
             version: version.into(),
             overwrite: false,
@@ -147,9 +174,9 @@ pub struct WrittenGraph {
     pub initializers: usize,
 }
 
-/// Writes the decoder for `config` with the weights in `vb` (Hugging Face names) to
-/// `out_dir/model.onnx`, plus `out_dir/model.onnx.data` when `external` applies; existing files of
-/// those names are replaced.
+/// Writes the decoder for `config` with the weights in `vb` (Hugging Face names) and the
+/// `attention` graph to `out_dir/model.onnx`, plus `out_dir/model.onnx.data` when `external`
+/// applies; existing files of those names are replaced.
 ///
 /// A missing or wrongly shaped tensor is an error naming the tensor. On error, the files this call
 /// had started to write are removed again.
@@ -158,13 +185,15 @@ pub fn write_decoder_onnx(
     vb: &VarBuilder<'_>,
     out_dir: &Path,
     external: ExternalData,
+    attention: AttentionKind,
 ) -> Result<WrittenGraph, ExportError> {
     config.validate()?;
     let model_path = out_dir.join(MODEL_FILE);
     let data_path = out_dir.join(MODEL_DATA_FILE);
     let weight_bytes = decoder_graph::weight_bytes(config);
     let external = external.applies_to(weight_bytes);
-    let result = write_decoder_files(config, vb, &model_path, external.then_some(data_path.as_path()));
+    let result =
+        write_decoder_files(config, vb, attention, &model_path, external.then_some(data_path.as_path()));
     if result.is_err() {
         // Best effort: a failed export must not leave a graph that looks usable.
         if external {
@@ -187,6 +216,7 @@ pub fn write_decoder_onnx(
 fn write_decoder_files(
     config: &ModelConfig,
     vb: &VarBuilder<'_>,
+    attention: AttentionKind,
     model_path: &Path,
     data_path: Option<&Path>,
 ) -> Result<(usize, usize), ExportError> {
@@ -194,7 +224,7 @@ fn write_decoder_files(
         Some(data_path) => graph_builder::GraphBuilder::with_external_data(data_path)?,
         None => graph_builder::GraphBuilder::new(),
     };
-    decoder_graph::build_decoder(config, vb, &mut builder)?;
+    decoder_graph::build_decoder(config, vb, attention, &mut builder)?;
     let doc = format!("{} decoder exported by tandem-train", config.model_type.as_str());
     let model = builder.finish(decoder_graph::GRAPH_NAME, &doc)?.model;
     let counts = model.graph.as_ref().map_or((0, 0), |g| (g.node.len(), g.initializer.len()));
@@ -237,7 +267,9 @@ pub(crate) mod tests {
     use candle_core::{DType, Device, Tensor};
     use candle_nn::{Init, VarMap};
 
-    use super::onnx_proto::{ModelProto, tensor_proto};
+    use super::onnx_proto::{
+        AttributeProto, ModelProto, NodeProto, ValueInfoProto, tensor_proto, tensor_shape_proto, type_proto,
+    };
     use super::*;
     use crate::model::config::ModelFamily;
     use tandem_core::kv_io::{self, KvKind};
@@ -319,10 +351,18 @@ pub(crate) mod tests {
         config: &ModelConfig,
         external: ExternalData,
     ) -> (tempfile::TempDir, WrittenGraph, ModelProto) {
+        export_tiny_with(config, external, AttentionKind::Standard)
+    }
+
+    fn export_tiny_with(
+        config: &ModelConfig,
+        external: ExternalData,
+        attention: AttentionKind,
+    ) -> (tempfile::TempDir, WrittenGraph, ModelProto) {
         let varmap = random_weights(config, &[]);
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
         let dir = tempfile::tempdir().unwrap();
-        let written = write_decoder_onnx(config, &vb, dir.path(), external).unwrap();
+        let written = write_decoder_onnx(config, &vb, dir.path(), external, attention).unwrap();
         let model = ModelProto::decode(std::fs::read(&written.model_path).unwrap().as_slice()).unwrap();
         (dir, written, model)
     }
@@ -371,8 +411,15 @@ pub(crate) mod tests {
 
     #[test]
     fn every_node_input_is_defined_before_use() {
-        let (_dir, _written, model) = export_tiny(&tiny_config(false), ExternalData::Never);
-        let graph = model.graph.unwrap();
+        for attention in [AttentionKind::Standard, AttentionKind::GroupQueryAttention] {
+            let (_dir, _written, model) =
+                export_tiny_with(&tiny_config(false), ExternalData::Never, attention);
+            assert_topologically_sorted(&model);
+        }
+    }
+
+    fn assert_topologically_sorted(model: &ModelProto) {
+        let graph = model.graph.as_ref().unwrap();
         let mut known: std::collections::HashSet<String> = graph
             .input
             .iter()
@@ -386,6 +433,93 @@ pub(crate) mod tests {
             for output in &node.output {
                 assert!(known.insert(output.clone()), "{output} defined twice");
             }
+        }
+    }
+
+    fn attribute<'a>(node: &'a NodeProto, name: &str) -> &'a AttributeProto {
+        node.attribute.iter().find(|a| a.name == name).unwrap_or_else(|| panic!("no attribute {name}"))
+    }
+
+    fn last_dim(value: &ValueInfoProto) -> tensor_shape_proto::dimension::Value {
+        let Some(type_proto::Value::TensorType(tensor)) = value.r#type.as_ref().unwrap().value.as_ref()
+        else {
+            panic!("{} is not a tensor", value.name)
+        };
+        tensor.shape.as_ref().unwrap().dim.last().unwrap().value.clone().unwrap()
+    }
+
+    #[test]
+    fn group_query_attention_graph_has_genai_io_with_keys_before_values_and_a_symbolic_head_size() {
+        let config = tiny_config(true);
+        let (_dir, _written, model) =
+            export_tiny_with(&config, ExternalData::Never, AttentionKind::GroupQueryAttention);
+        let opsets: Vec<_> = model.opset_import.iter().map(|o| (o.domain.as_str(), o.version)).collect();
+        assert_eq!(opsets, [("", OPSET_VERSION), ("com.microsoft", 1)]);
+        let graph = model.graph.unwrap();
+        let inputs: Vec<_> = graph.input.iter().map(|v| v.name.as_str()).collect();
+        let outputs: Vec<_> = graph.output.iter().map(|v| v.name.as_str()).collect();
+        assert_eq!(
+            inputs,
+            [
+                "input_ids",
+                "attention_mask",
+                "past_key_values.0.key",
+                "past_key_values.1.key",
+                "past_key_values.0.value",
+                "past_key_values.1.value"
+            ]
+        );
+        assert_eq!(
+            outputs,
+            ["logits", "present.0.key", "present.1.key", "present.0.value", "present.1.value"]
+        );
+        let symbolic = tensor_shape_proto::dimension::Value::DimParam("kv_cache_dim".into());
+        for cache in graph.input.iter().skip(2).chain(graph.output.iter().skip(1)) {
+            assert_eq!(last_dim(cache), symbolic, "{}", cache.name);
+        }
+
+        let attention: Vec<_> = graph.node.iter().filter(|n| n.op_type == "GroupQueryAttention").collect();
+        assert_eq!(attention.len(), config.num_hidden_layers);
+        for (layer, node) in attention.iter().enumerate() {
+            assert_eq!(node.domain, "com.microsoft");
+            assert_eq!(node.input.len(), 9, "q, k, v, past k/v, seqlens_k, total length, cos, sin");
+            assert_eq!(node.input[3], kv_io::past_name(layer, KvKind::Key));
+            assert_eq!(node.input[4], kv_io::past_name(layer, KvKind::Value));
+            assert_eq!(node.input[7..], ["cos_cache", "sin_cache"]);
+            assert_eq!(
+                node.output[1..],
+                [kv_io::present_name(layer, KvKind::Key), kv_io::present_name(layer, KvKind::Value)]
+            );
+            assert_eq!(attribute(node, "num_heads").i, 4);
+            assert_eq!(attribute(node, "kv_num_heads").i, 2);
+            assert_eq!(attribute(node, "do_rotary").i, 1);
+            assert_eq!(attribute(node, "rotary_interleaved").i, 0);
+            assert!((attribute(node, "scale").f - 8f32.sqrt().recip()).abs() < 1e-7);
+        }
+        let cos = graph.initializer.iter().find(|t| t.name == "cos_cache").unwrap();
+        assert_eq!(cos.dims, [128, 4], "[max_position_embeddings, head_dim / 2]");
+        let producer = graph.node.iter().find(|n| n.output.contains(&attention[0].input[5])).unwrap();
+        assert_eq!((producer.op_type.as_str(), attribute(producer, "to").i), ("Cast", 6), "int32 seqlens_k");
+        assert!(!graph.node.iter().any(|n| n.op_type == "Softmax"), "no attention left outside the op");
+    }
+
+    #[test]
+    fn rotary_cache_rows_are_the_angles_of_each_position() {
+        let config = tiny_config(true);
+        let (_dir, _written, model) =
+            export_tiny_with(&config, ExternalData::Never, AttentionKind::GroupQueryAttention);
+        let graph = model.graph.unwrap();
+        let table = |name: &str| -> Vec<f32> {
+            let t = graph.initializer.iter().find(|t| t.name == name).unwrap();
+            t.raw_data.chunks(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect()
+        };
+        let (cos, sin) = (table("cos_cache"), table("sin_cache"));
+        let half = config.head_dim / 2;
+        for (position, j) in [(0, 0), (1, 0), (5, 3), (127, 1)] {
+            let inv_freq = 1.0 / config.rope_theta.powf(2.0 * j as f64 / config.head_dim as f64);
+            let angle = position as f64 * inv_freq;
+            assert!((cos[position * half + j] as f64 - angle.cos()).abs() < 1e-5, "cos {position} {j}");
+            assert!((sin[position * half + j] as f64 - angle.sin()).abs() < 1e-5, "sin {position} {j}");
         }
     }
 
@@ -467,7 +601,8 @@ pub(crate) mod tests {
         let varmap = random_weights(&config, &[missing]);
         let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
         let dir = tempfile::tempdir().unwrap();
-        let err = write_decoder_onnx(&config, &vb, dir.path(), ExternalData::Always).unwrap_err();
+        let err = write_decoder_onnx(&config, &vb, dir.path(), ExternalData::Always, AttentionKind::Standard)
+            .unwrap_err();
         assert!(matches!(&err, ExportError::MissingWeight { name } if name == missing), "{err}");
         assert!(err.to_string().contains(missing));
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "no half-written files");
@@ -481,7 +616,8 @@ pub(crate) mod tests {
         tensors.insert(name.to_string(), Tensor::zeros((3, 5), DType::F32, &Device::Cpu).unwrap());
         let vb = VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu);
         let dir = tempfile::tempdir().unwrap();
-        let err = write_decoder_onnx(&config, &vb, dir.path(), ExternalData::Never).unwrap_err();
+        let err = write_decoder_onnx(&config, &vb, dir.path(), ExternalData::Never, AttentionKind::Standard)
+            .unwrap_err();
         assert!(matches!(&err, ExportError::Weight { name: n, .. } if n == name), "{err}");
     }
 
