@@ -24,6 +24,7 @@ build:
 # The e2e tests run the real binaries, so they are built first; the GPU build is type-checked so it
 # cannot rot on machines without a GPU.
 test: ort
+	scripts/test-deps.sh
 	$(CARGO) build --workspace --bins
 	$(CARGO) check -p tandemd --features gpu
 	$(CARGO) test --workspace --no-fail-fast

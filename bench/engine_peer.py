@@ -37,7 +37,7 @@ def main():
     while not generator.is_done():
         generator.generate_next_token()
     end = time.perf_counter()
-    ids = list(generator.get_sequence(0))[len(prompt):]
+    ids = [int(t) for t in generator.get_sequence(0)][len(prompt):]
     print(json.dumps({
         "ttft_ms": (first - start) * 1000.0,
         "decode_tok_s": (len(ids) - 1) / (end - first),

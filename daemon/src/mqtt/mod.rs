@@ -1,5 +1,22 @@
 //! The device's MQTT connection to the fleet broker, shared by offload and telemetry.
+//!
+//! [`MqttLink`] is the connection; the rest of this folder are its parts: the broker URL,
+//! credentials and TLS, the 3.1.1/5 adapter over rumqttc, the reconnect backoff, the PUBACK
+//! tracker that tells publishers when the broker acknowledged them, and the event-loop task.
 
+mod ack_tracker;
+mod backoff;
+mod broker_address;
+mod client;
 mod config;
+mod driver;
+mod error;
+mod link;
+mod password;
+mod status;
+mod tls;
 
 pub use config::{MqttConfig, MqttProtocol};
+pub use error::MqttLinkError;
+pub use link::{InboundMessage, MqttLink, PublishOptions};
+pub use status::DeviceStatus;

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Installs what the tests need besides Rust and ONNX Runtime: the Mosquitto broker (Debian) and a
+# Python venv with the official `openai` package (PyPI). Idempotent; run by `make test`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OPENAI_VERSION=3.52.0
+
+apt_install() {
+    if [ "$(id -u)" -ne 0 ]; then
+        echo "test-deps: $* is missing and installing it needs root: sudo apt-get install -y $*" >&2
+        exit 1
+    fi
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+}
+
+if [ ! -x /usr/sbin/mosquitto ]; then
+    echo "test-deps: installing mosquitto"
+    apt_install mosquitto
+fi
+command -v curl >/dev/null || apt_install curl
+command -v openssl >/dev/null || apt_install openssl
+
+if ! .venv/bin/python -c "import openai" 2>/dev/null; then
+    echo "test-deps: creating .venv with openai $OPENAI_VERSION"
+    python3 -m venv .venv
+    .venv/bin/pip install --quiet "openai==$OPENAI_VERSION"
+fi
