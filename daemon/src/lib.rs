@@ -1,9 +1,12 @@
 //! `tandemd`: the Tandem edge daemon. This library holds the parts the binary and the end-to-end
 //! tests share, starting with the ONNX Runtime inference engine.
 
+pub mod api;
 pub mod chat;
+pub mod config;
 pub mod engine;
 pub mod mqtt;
 pub mod offload;
+pub mod ops;
 pub mod router;
 pub mod telemetry;

@@ -3,6 +3,10 @@
 
 mod bad_input;
 mod cli;
+mod daemon_api;
+mod daemon_process;
 mod fixtures;
 mod foreign_formats;
+mod mqtt;
 mod parity;
+mod support;

@@ -2,14 +2,25 @@
 //! (through the fleet's gateway), with timeouts, bounded retries with an idempotency key, a circuit
 //! breaker per transport, and failover between transports.
 
+mod circuit_breaker;
+mod client;
 mod config;
+mod https;
+mod mqtt;
+mod secret;
 
 use std::time::Duration;
 
 use futures::future::BoxFuture;
 use tandem_core::protocol::{OffloadRequest, Transport};
 
+pub use circuit_breaker::{Admission, CircuitBreaker};
+pub use client::CloudClient;
 pub use config::{CircuitBreakerConfig, HttpsCloudConfig, OffloadConfig, SecretSource};
+pub use https::{HttpsOffload, HttpsSetupError, completions_url};
+pub(crate) use https::{error_chain, http_client};
+pub use mqtt::MqttOffload;
+pub use secret::{Secret, SecretError, read_secret, read_secret_with};
 
 /// The cloud's answer to one offload.
 #[derive(Debug, Clone, PartialEq)]

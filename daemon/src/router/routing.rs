@@ -52,6 +52,8 @@ pub struct RouterSettings {
     pub offload_deadline_ms: u64,
     /// Put prompts and answers into telemetry events.
     pub telemetry_text: bool,
+    /// Keep the device's text before the marker in a cloud-assisted answer (and stream it live).
+    pub include_local_attempt: bool,
 }
 
 /// Answers chat requests; see the module documentation.
@@ -165,15 +167,21 @@ impl Router {
         let prompt =
             self.template.render(&request.messages).map_err(|e| ChatError::Invalid(e.to_string()))?;
         let params = self.generation_params(&request, &cancel)?;
-        let first = self.generate(Prompt::Text(prompt), params.clone(), deltas.as_ref()).await?;
+        let live = if self.settings.include_local_attempt { deltas.as_ref() } else { None };
+        let first = self.generate(Prompt::Text(prompt), params.clone(), live).await?;
+        let held_back = live.is_none();
         let help_probability = first.generation.decision.map(|d| d.probability);
         let asked_for_help = HelpMarker::opening_in(&first.raw_text).is_some();
-        let local_text = first.generation.text.trim_end().to_string();
+        // Not trimmed: the content must start with exactly what was streamed.
+        let local_text = first.generation.text.clone();
 
         let mut local_ms = started.elapsed().as_millis() as u64;
         let mut prompt_tokens = first.prompt_ids.len() as u32;
         let mut completion_tokens = first.generation.ids.len() as u32;
         let (settled, content, finish) = if !asked_for_help {
+            if held_back {
+                send(&deltas, &local_text).await;
+            }
             self.record_local();
             let settled = Settled { route: Route::Local, cloud: None, fallback_reason: None };
             (settled, local_text.clone(), finish_kind(first.generation.finish_reason))
@@ -181,20 +189,20 @@ impl Router {
             let settled = self.offload(&request, &local_text, params.max_new_tokens as u32, &cancel).await;
             match &settled.cloud {
                 Some(answer) => {
-                    let separator = if local_text.is_empty() { "" } else { "\n\n" };
-                    if let Some(deltas) = &deltas {
-                        let _ = deltas.send(format!("{separator}{}", answer.content)).await;
-                    }
+                    let kept = if self.settings.include_local_attempt { local_text.as_str() } else { "" };
+                    let separator = if kept.trim().is_empty() { "" } else { "\n\n" };
+                    send(&deltas, &format!("{separator}{}", answer.content)).await;
                     prompt_tokens += answer.prompt_tokens;
                     completion_tokens += answer.completion_tokens;
-                    (
-                        settled_clone(&settled),
-                        format!("{local_text}{separator}{}", answer.content),
-                        FinishKind::Stop,
-                    )
+                    let content = format!("{kept}{separator}{}", answer.content);
+                    (settled_clone(&settled), content, FinishKind::Stop)
                 }
                 None => {
-                    let (kept_text, resumed) = self.answer_locally(&first, &params, deltas.as_ref()).await?;
+                    let (kept_ids, kept_text) = self.kept_before_marker(&first);
+                    if held_back {
+                        send(&deltas, kept_text).await;
+                    }
+                    let resumed = self.answer_locally(&first, kept_ids, &params, deltas.as_ref()).await?;
                     local_ms = started.elapsed().as_millis() as u64;
                     completion_tokens += resumed.generation.ids.len() as u32;
                     let finish = finish_kind(resumed.generation.finish_reason);
@@ -219,22 +227,26 @@ impl Router {
         Ok(outcome)
     }
 
-    /// Continues the local answer from just before the marker with the marker forbidden; returns
-    /// the text kept from the first attempt and the continuation. Without a single help token the
-    /// answer is regenerated from the prompt instead.
-    async fn answer_locally<'a>(
-        &self,
-        first: &'a LocalGeneration,
-        params: &GenerationParams,
-        deltas: Option<&mpsc::Sender<String>>,
-    ) -> Result<(&'a str, LocalGeneration), ChatError> {
-        let help = self.worker.loaded().help_token;
-        let (kept, kept_text) = match first.generation.decision {
-            Some(decision) if decision.chosen && help.is_some() => {
+    /// The part of the first attempt a local answer keeps: everything before the help token, or
+    /// nothing when the tokenizer has no single help token (the answer is then regenerated).
+    fn kept_before_marker<'a>(&self, first: &'a LocalGeneration) -> (&'a [u32], &'a str) {
+        match first.generation.decision {
+            Some(decision) if decision.chosen && self.worker.loaded().help_token.is_some() => {
                 (&first.generation.ids[..decision.step], first.generation.text.as_str())
             }
-            _ => (&first.generation.ids[..0], ""),
-        };
+            _ => (&[], ""),
+        }
+    }
+
+    /// Continues the local answer after `kept` with the help marker forbidden.
+    async fn answer_locally(
+        &self,
+        first: &LocalGeneration,
+        kept: &[u32],
+        params: &GenerationParams,
+        deltas: Option<&mpsc::Sender<String>>,
+    ) -> Result<LocalGeneration, ChatError> {
+        let help = self.worker.loaded().help_token;
         let mut prompt = first.prompt_ids.clone();
         prompt.extend_from_slice(kept);
         let remaining = params.max_new_tokens.saturating_sub(kept.len()).max(1);
@@ -245,8 +257,7 @@ impl Router {
             watch_token_ids: Vec::new(),
             ..params.clone()
         };
-        let resumed = self.generate(Prompt::Ids(prompt), resumed, deltas).await?;
-        Ok((kept_text, resumed))
+        self.generate(Prompt::Ids(prompt), resumed, deltas).await
     }
 
     async fn offload(
@@ -368,6 +379,14 @@ impl Router {
 
 fn settled_clone(s: &Settled) -> Settled {
     Settled { route: s.route, cloud: s.cloud.clone(), fallback_reason: s.fallback_reason.clone() }
+}
+
+async fn send(deltas: &Option<mpsc::Sender<String>>, text: &str) {
+    if let Some(deltas) = deltas
+        && !text.is_empty()
+    {
+        let _ = deltas.send(text.to_string()).await;
+    }
 }
 
 async fn wait_cancelled(cancel: &CancelToken) {

@@ -2,11 +2,19 @@
 //! batches (MQTT QoS 1, or HTTPS POST) and removed only after the fleet acknowledged them.
 
 mod config;
+mod https;
+mod mqtt;
+mod shipper;
+mod spool;
 
 use futures::future::BoxFuture;
 use tandem_core::protocol::TelemetryBatch;
 
 pub use config::{FsyncPolicy, TelemetryConfig, TelemetryTransport};
+pub use https::HttpsTelemetryPublisher;
+pub use mqtt::MqttTelemetryPublisher;
+pub use shipper::{FlushError, TelemetryHandle, TelemetryShipper, TelemetryStats};
+pub use spool::{MAX_EVENT_BYTES, MIN_SPOOL_BYTES, SpoolError, SpoolStats, TelemetrySpool};
 
 /// Why a batch was not acknowledged; the batch stays in the spool and is sent again later.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]

@@ -1,0 +1,201 @@
+//! Building the [`ChatBackend`] that answers chat requests (the router over the engine, offload
+//! and telemetry) from the configuration, plus the hook that runs at shutdown.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::FutureExt;
+use futures::future::BoxFuture;
+use tandem_core::protocol::{OffloadRequest, TelemetryEvent, Transport};
+
+use super::Shutdown;
+use crate::chat::ChatBackend;
+use crate::config::DaemonConfig;
+use crate::mqtt::MqttLink;
+use crate::offload::{CloudAnswer, CloudClient, HttpsOffload, MqttOffload, OffloadError, OffloadTransport};
+use crate::router::{
+    BudgetStore, ChatTemplate, CloudOffload, EngineWorker, EventSink, Router, RouterSettings,
+};
+use crate::telemetry::{
+    HttpsTelemetryPublisher, MqttTelemetryPublisher, TelemetryHandle, TelemetryPublisher, TelemetryShipper,
+    TelemetrySpool, TelemetryTransport,
+};
+
+/// Runs once after the API stopped and in-flight requests ended (e.g. flushes the telemetry spool).
+pub type ShutdownHook = Box<dyn FnOnce() -> BoxFuture<'static, ()> + Send>;
+
+/// A started backend.
+pub struct BuiltBackend {
+    /// Answers chat requests.
+    pub chat: Arc<dyn ChatBackend>,
+    /// Run at shutdown, after the last request.
+    pub on_shutdown: Option<ShutdownHook>,
+}
+
+impl std::fmt::Debug for BuiltBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BuiltBackend")
+            .field("on_shutdown", &self.on_shutdown.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl BuiltBackend {
+    /// A backend without a shutdown hook.
+    pub fn new(chat: Arc<dyn ChatBackend>) -> Self {
+        Self { chat, on_shutdown: None }
+    }
+
+    /// Runs `hook` at shutdown.
+    pub fn with_shutdown_hook<F>(mut self, hook: F) -> Self
+    where
+        F: FnOnce() -> BoxFuture<'static, ()> + Send + 'static,
+    {
+        self.on_shutdown = Some(Box::new(hook));
+        self
+    }
+}
+
+/// The backend could not be started.
+#[derive(Debug, thiserror::Error)]
+#[error("could not start the chat backend")]
+pub struct BuildBackendError(#[source] pub Box<dyn std::error::Error + Send + Sync>);
+
+impl BuildBackendError {
+    /// Wraps the cause (its chain is kept, so `main` still recognises user errors in it).
+    pub fn new(cause: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
+        Self(cause.into())
+    }
+}
+
+/// Builds the backend for a validated `config`: the engine on its thread, the persisted budget,
+/// the offload client with its transports, the telemetry spool and shipper, and the router over
+/// them. Background tasks stop when `shutdown` begins; the returned hook flushes telemetry.
+pub async fn build_backend(
+    config: &DaemonConfig,
+    shutdown: &Shutdown,
+) -> Result<BuiltBackend, BuildBackendError> {
+    let _ = shutdown;
+    let model_dir = config
+        .model_dir
+        .clone()
+        .ok_or_else(|| BuildBackendError::new("no model directory: give --model DIR or model_dir"))?;
+    let engine_config = config.engine.clone();
+    let worker = tokio::task::spawn_blocking(move || EngineWorker::start(&model_dir, &engine_config))
+        .await
+        .map_err(BuildBackendError::new)?
+        .map_err(BuildBackendError::new)?;
+    let template =
+        ChatTemplate::new(worker.loaded().model.chat_template.as_deref()).map_err(BuildBackendError::new)?;
+    let budget = Arc::new(
+        BudgetStore::open(&config.state_dir, config.budget.clone()).map_err(BuildBackendError::new)?,
+    );
+
+    let link = match &config.mqtt {
+        Some(mqtt) => Some(MqttLink::connect(mqtt, &config.device_id).map_err(BuildBackendError::new)?),
+        None => None,
+    };
+    let cloud = build_cloud(config, link.as_ref())?;
+    let (telemetry, shipper) = build_telemetry(config, link.as_ref())?;
+
+    let settings = RouterSettings {
+        device_id: config.device_id.clone(),
+        default_max_tokens: config.generation.max_tokens,
+        default_temperature: config.generation.temperature,
+        help_bias: config.router.help_bias,
+        send_local_attempt: config.cloud.send_local_attempt,
+        offload_deadline_ms: config.cloud.deadline_ms,
+        telemetry_text: config.telemetry.include_text,
+        include_local_attempt: config.router.include_local_attempt_in_answer,
+    };
+    let router = Arc::new(Router::new(
+        settings,
+        worker,
+        template,
+        budget.clone(),
+        cloud,
+        telemetry.map(|t| Arc::new(t) as Arc<dyn EventSink>),
+    ));
+    let flush_timeout = Duration::from_millis(config.telemetry.flush_interval_ms.max(1000) * 5);
+    Ok(BuiltBackend::new(router).with_shutdown_hook(move || {
+        async move {
+            if let Err(e) = budget.save_now() {
+                tracing::error!(error = %e, "could not save the budget state at shutdown");
+            }
+            if let Some(shipper) = shipper {
+                match shipper.shutdown(flush_timeout).await {
+                    Ok(left) if left > 0 => tracing::warn!(left, "telemetry events stay in the spool for the next start"),
+                    Ok(_) => tracing::info!("telemetry spool flushed"),
+                    Err(e) => tracing::warn!(error = %e, "telemetry flush at shutdown failed; events stay in the spool"),
+                }
+            }
+            if let Some(link) = link {
+                link.shutdown().await;
+            }
+        }
+        .boxed()
+    }))
+}
+
+fn build_cloud(
+    config: &DaemonConfig,
+    link: Option<&MqttLink>,
+) -> Result<Option<Arc<dyn CloudOffload>>, BuildBackendError> {
+    if !config.cloud.is_enabled() {
+        return Ok(None);
+    }
+    let mut transports: Vec<Arc<dyn OffloadTransport>> = Vec::new();
+    for kind in config.cloud.transport_order() {
+        match kind {
+            Transport::Https => {
+                let https = config.cloud.https.as_ref().expect("transport_order lists configured transports");
+                transports.push(Arc::new(HttpsOffload::new(https).map_err(BuildBackendError::new)?));
+            }
+            Transport::Mqtt => {
+                let link =
+                    link.ok_or_else(|| BuildBackendError::new("cloud.mqtt = true needs an [mqtt] section"))?;
+                transports.push(Arc::new(MqttOffload::new(link.clone())));
+            }
+        }
+    }
+    Ok(Some(Arc::new(CloudClient::new(&config.cloud, transports))))
+}
+
+fn build_telemetry(
+    config: &DaemonConfig,
+    link: Option<&MqttLink>,
+) -> Result<(Option<TelemetryHandle>, Option<TelemetryShipper>), BuildBackendError> {
+    let publisher: Option<Arc<dyn TelemetryPublisher>> = match &config.telemetry.transport {
+        TelemetryTransport::None => None,
+        TelemetryTransport::Mqtt => {
+            let link =
+                link.ok_or_else(|| BuildBackendError::new("telemetry over MQTT needs an [mqtt] section"))?;
+            Some(Arc::new(MqttTelemetryPublisher::new(link.clone())))
+        }
+        TelemetryTransport::Https { url } => Some(Arc::new(
+            HttpsTelemetryPublisher::new(url, Duration::from_secs(10)).map_err(BuildBackendError::new)?,
+        )),
+    };
+    let dir = config.telemetry.spool_dir.clone().unwrap_or_else(|| config.state_dir.join("telemetry"));
+    let spool = TelemetrySpool::open(&dir, &config.telemetry).map_err(BuildBackendError::new)?;
+    let shipper = TelemetryShipper::start(spool, publisher, config.device_id.clone(), &config.telemetry)
+        .map_err(BuildBackendError::new)?;
+    Ok((Some(shipper.handle()), Some(shipper)))
+}
+
+impl CloudOffload for CloudClient {
+    fn ask(&self, request: OffloadRequest) -> BoxFuture<'_, Result<CloudAnswer, OffloadError>> {
+        Box::pin(CloudClient::ask(self, request))
+    }
+}
+
+impl EventSink for TelemetryHandle {
+    fn record(&self, event: TelemetryEvent) {
+        TelemetryHandle::record(self, event);
+    }
+
+    fn depth(&self) -> (u64, u64) {
+        let stats = self.stats();
+        (stats.spool.events, stats.spool.dropped)
+    }
+}
