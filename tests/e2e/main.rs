@@ -5,6 +5,7 @@ mod bad_input;
 mod cli;
 mod daemon_api;
 mod daemon_process;
+mod daemon_telemetry;
 mod fixtures;
 mod foreign_formats;
 mod mqtt;

@@ -464,16 +464,16 @@ fn telemetry_batch(events: usize) -> TelemetryBatch {
 
 /// Subscribes to one filter on every connection (reconnecting after broker restarts) and hands
 /// over what arrives.
-struct FleetClient {
+pub(crate) struct FleetClient {
     client: AsyncClient,
-    inbox: mpsc::UnboundedReceiver<Publish>,
+    pub(crate) inbox: mpsc::UnboundedReceiver<Publish>,
     subscriptions: watch::Receiver<u32>,
     pubacks: watch::Receiver<u32>,
     _poller: AbortOnDrop,
 }
 
 impl FleetClient {
-    async fn connect(broker: &Mosquitto, filter: &str) -> Self {
+    pub(crate) async fn connect(broker: &Mosquitto, filter: &str) -> Self {
         let client_id = format!("fleet-{}", Uuid::now_v7().simple());
         let mut options = MqttOptions::new(client_id, "127.0.0.1", broker.port());
         options.set_keep_alive(Duration::from_secs(5)).set_credentials("fleet", "pw-fleet");
@@ -554,8 +554,8 @@ struct Received {
 }
 
 /// An offload request as the gateway saw it.
-struct SeenRequest {
-    request: OffloadRequest,
+pub(crate) struct SeenRequest {
+    pub(crate) request: OffloadRequest,
     response_topic: Option<String>,
     correlation_data: Option<Vec<u8>>,
 }
@@ -564,7 +564,7 @@ struct SeenRequest {
 /// picks the outcome ("refuse", "fail", "break", anything else is answered). Before each real
 /// answer it sends a malformed payload and an answer to an unknown request, and it sends the real
 /// answer twice, so devices must ignore all of that.
-struct Gateway {
+pub(crate) struct Gateway {
     seen: mpsc::UnboundedReceiver<SeenRequest>,
     subscriptions: watch::Receiver<u32>,
     _fleet_poller: AbortOnDrop,
@@ -572,7 +572,7 @@ struct Gateway {
 }
 
 impl Gateway {
-    async fn start(broker: &Mosquitto) -> Self {
+    pub(crate) async fn start(broker: &Mosquitto) -> Self {
         let fleet = FleetClient::connect(broker, &DeviceTopics::all_devices(TopicKind::OffloadRequest)).await;
         let FleetClient { client, mut inbox, subscriptions, _poller, .. } = fleet;
         let (record, seen) = mpsc::unbounded_channel();
@@ -617,7 +617,7 @@ impl Gateway {
         Self { seen, subscriptions, _fleet_poller: _poller, _answerer: AbortOnDrop(answerer) }
     }
 
-    async fn next_request(&mut self) -> SeenRequest {
+    pub(crate) async fn next_request(&mut self) -> SeenRequest {
         tokio::time::timeout(SOON, self.seen.recv())
             .await
             .expect("a request in time")

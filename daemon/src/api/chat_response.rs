@@ -40,6 +40,9 @@ pub struct TandemInfo {
     pub local_ms: u64,
     /// Milliseconds waiting for the cloud.
     pub cloud_ms: u64,
+    /// Id of the telemetry event recorded for this request (absent without telemetry).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub event_id: Option<String>,
 }
 
 impl TandemInfo {
@@ -52,6 +55,7 @@ impl TandemInfo {
             fallback_reason: outcome.fallback_reason.clone(),
             local_ms: outcome.local_ms,
             cloud_ms: outcome.cloud_ms,
+            event_id: outcome.event_id.map(|id| id.to_string()),
         }
     }
 }

@@ -69,6 +69,8 @@ pub struct ChatOutcome {
     pub local_ms: u64,
     /// Time spent waiting for the cloud, ms.
     pub cloud_ms: u64,
+    /// The telemetry event recorded for this request; it is in the spool when the outcome returns.
+    pub event_id: Option<uuid::Uuid>,
 }
 
 /// A request that could not be answered at all.

@@ -190,8 +190,13 @@ impl CloudOffload for CloudClient {
 }
 
 impl EventSink for TelemetryHandle {
-    fn record(&self, event: TelemetryEvent) {
-        TelemetryHandle::record(self, event);
+    fn record(&self, event: TelemetryEvent) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            let id = event.id;
+            if let Err(e) = self.append(event).await {
+                tracing::error!(event_id = %id, error = %e, "telemetry event could not be stored");
+            }
+        })
     }
 
     fn depth(&self) -> (u64, u64) {

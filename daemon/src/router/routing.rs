@@ -29,8 +29,9 @@ pub trait CloudOffload: Send + Sync {
 
 /// Where telemetry events go (the spool).
 pub trait EventSink: Send + Sync {
-    /// Records one event; must not block for long.
-    fn record(&self, event: TelemetryEvent);
+    /// Records one event; resolves once it is in the spool (durable per the fsync policy), so an
+    /// answered request is never missing from telemetry.
+    fn record(&self, event: TelemetryEvent) -> BoxFuture<'_, ()>;
     /// Events waiting and events dropped so far, for status and metrics.
     fn depth(&self) -> (u64, u64);
 }
@@ -222,9 +223,11 @@ impl Router {
             fallback_reason: settled.fallback_reason.clone(),
             local_ms: local_ms.saturating_sub(cloud_ms),
             cloud_ms,
+            event_id: None,
         };
-        self.emit_telemetry(arrived_ms, &request, &first, &settled, &outcome, asked_for_help);
-        Ok(outcome)
+        let event_id =
+            self.emit_telemetry(arrived_ms, &request, &first, &settled, &outcome, asked_for_help).await;
+        Ok(ChatOutcome { event_id, ..outcome })
     }
 
     /// The part of the first attempt a local answer keeps: everything before the help token, or
@@ -333,7 +336,7 @@ impl Router {
         self.worker.loaded().model.version.clone().unwrap_or_else(|| "unversioned".into())
     }
 
-    fn emit_telemetry(
+    async fn emit_telemetry(
         &self,
         arrived_ms: u64,
         request: &ChatRequest,
@@ -341,13 +344,14 @@ impl Router {
         settled: &Settled,
         outcome: &ChatOutcome,
         asked_for_help: bool,
-    ) {
-        let Some(sink) = &self.telemetry else { return };
+    ) -> Option<Uuid> {
+        let sink = self.telemetry.as_ref()?;
+        let id = Uuid::now_v7();
         let budget = self.budget.snapshot();
         let with_text = self.settings.telemetry_text;
         let cloud = settled.cloud.as_ref();
         sink.record(TelemetryEvent {
-            id: Uuid::now_v7(),
+            id,
             device_id: self.settings.device_id.clone(),
             model_version: self.model_version(),
             at_ms: arrived_ms,
@@ -373,7 +377,9 @@ impl Router {
             prompt: with_text.then(|| request.messages.last().map(|m| m.content.clone()).unwrap_or_default()),
             local_answer: with_text.then(|| first.generation.text.clone()),
             cloud_answer: if with_text { cloud.map(|a| a.content.clone()) } else { None },
-        });
+        })
+        .await;
+        Some(id)
     }
 }
 

@@ -98,6 +98,7 @@ impl FakeBackend {
             fallback_reason: (self.route == Route::LocalFallback).then(|| "budget_ratio".to_string()),
             local_ms: 12,
             cloud_ms: if self.route == Route::Cloud { 34 } else { 0 },
+            event_id: None,
         }
     }
 
