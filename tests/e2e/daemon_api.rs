@@ -322,3 +322,46 @@ fn the_budget_window_survives_a_sigkill_and_restart() {
         "a crash never frees budget"
     );
 }
+
+#[test]
+fn serve_works_with_no_config_file_at_all() {
+    let exported = model();
+    let state = tempfile::tempdir().unwrap();
+    let port = crate::daemon_process::free_port();
+    let mut command = Command::new(crate::fixtures::tandemd_binary());
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("TANDEM_") {
+            command.env_remove(key);
+        }
+    }
+    let mut child = command
+        .args(["serve", "--model"])
+        .arg(&exported.bundle)
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        // Only the state directory is moved, so the test does not write to /var/lib/tandem.
+        .env("TANDEM_STATE_DIR", state.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let client = crate::daemon_process::http_client(Duration::from_secs(5));
+    let url = format!("http://127.0.0.1:{port}");
+    let started = Instant::now();
+    while !client.get(format!("{url}/healthz")).send().is_ok_and(|r| r.status().is_success()) {
+        assert!(child.try_wait().unwrap().is_none(), "tandemd exited without a config file");
+        assert!(started.elapsed() < Duration::from_secs(30), "not healthy in 30 s");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let response = client
+        .post(format!("{url}/v1/chat/completions"))
+        .json(&json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}))
+        .send()
+        .unwrap();
+    assert!(response.status().is_success());
+    let route = response.headers()["x-tandem-route"].to_str().unwrap().to_string();
+    assert!(route == "local" || route == "local_fallback", "without a cloud nothing is offloaded: {route}");
+    let status: Value = client.get(format!("{url}/v1/status")).send().unwrap().json().unwrap();
+    assert_eq!(status["budget"]["cloud"], 0);
+    let _ = child.kill();
+    let _ = child.wait();
+}
