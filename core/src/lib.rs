@@ -11,3 +11,4 @@ pub mod generation;
 pub mod help_marker;
 pub mod kv_io;
 pub mod protocol;
+pub mod tasks;
