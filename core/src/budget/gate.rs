@@ -157,19 +157,15 @@ impl BudgetGate {
                 allowed,
             });
         }
-        if let Some(max) = self.policy.max_calls_per_hour {
-            if s.calls_last_hour + 1 > u64::from(max) {
-                return Err(Refusal::HourlyCap { calls: s.calls_last_hour, max });
-            }
+        if let Some(max) = self.policy.max_calls_per_hour
+            && s.calls_last_hour + 1 > u64::from(max)
+        {
+            return Err(Refusal::HourlyCap { calls: s.calls_last_hour, max });
         }
-        if let Some(max) = self.policy.max_cloud_tokens_per_day {
-            if s.tokens_last_day + estimated_tokens > max {
-                return Err(Refusal::DailyTokenCap {
-                    tokens: s.tokens_last_day,
-                    requested: estimated_tokens,
-                    max,
-                });
-            }
+        if let Some(max) = self.policy.max_cloud_tokens_per_day
+            && s.tokens_last_day + estimated_tokens > max
+        {
+            return Err(Refusal::DailyTokenCap { tokens: s.tokens_last_day, requested: estimated_tokens, max });
         }
         let id = self.state.next_id;
         self.state.next_id += 1;

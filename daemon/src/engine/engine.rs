@@ -141,7 +141,10 @@ impl Engine {
             let mut generations = Vec::with_capacity(prompts.len());
             for (row, prompt) in prompts.iter().enumerate() {
                 let mut forward_row = |event: StreamEvent| on_event(StreamEvent { row, ..event });
-                let params = row_params(params, row);
+                let params = GenerationParams {
+                    decoding: generator::row_decoding(params.decoding, row),
+                    ..params.clone()
+                };
                 let single = std::slice::from_ref(prompt);
                 generations.extend(generator::generate(
                     &mut self.session,
@@ -252,18 +255,4 @@ mod tests {
         assert_send::<Engine>();
         assert_send::<KvCache>();
     }
-}
-
-/// The parameters row `row` of a batch would get: sampling seeds are per row (seed + row).
-fn row_params(params: &GenerationParams, row: usize) -> GenerationParams {
-    let decoding = match params.decoding {
-        tandem_core::generation::Decoding::Sample(p) => {
-            tandem_core::generation::Decoding::Sample(tandem_core::generation::SamplingParams {
-                seed: p.seed.wrapping_add(row as u64),
-                ..p
-            })
-        }
-        greedy => greedy,
-    };
-    GenerationParams { decoding, ..params.clone() }
 }

@@ -413,7 +413,7 @@ fn check_logits_rows(logits: &Logits, batch: usize) -> Result<(), EngineError> {
 }
 
 /// Sampling of row `index` draws from its own stream: seed + index.
-fn row_decoding(decoding: Decoding, index: usize) -> Decoding {
+pub(crate) fn row_decoding(decoding: Decoding, index: usize) -> Decoding {
     match decoding {
         Decoding::Greedy => Decoding::Greedy,
         Decoding::Sample(p) => {

@@ -3,7 +3,8 @@
 //! Layout: `config` (what the user sets), `ort_library` (finding libonnxruntime), `providers`
 //! (execution providers), `model_dir` (what a model directory holds), `io_layout` (the graph's
 //! KV-cache signature), `decoder_session` (one forward pass), `generator` (the generation loop),
-//! `text_stream` (incremental detokenisation), `tokenizer`, and `engine` tying them together.
+//! `text_stream` (incremental detokenisation), `tokenizer`, `tensorrt_cache` (where TensorRT engines
+//! are kept, keyed by what they depend on), and `engine` tying them together.
 
 mod config;
 mod decoder_session;
@@ -16,6 +17,7 @@ mod logits;
 mod model_dir;
 mod ort_library;
 mod providers;
+pub mod tensorrt_cache;
 mod text_stream;
 mod tokenizer;
 

@@ -116,13 +116,12 @@ impl Router {
             return Err(ChatError::Invalid("max_tokens must be at least 1".into()));
         }
         let decoding = match request.temperature.or(self.settings.default_temperature) {
-            None => Decoding::Greedy,
-            Some(t) if t == 0.0 => Decoding::Greedy,
+            None | Some(0.0) => Decoding::Greedy,
             Some(temperature) => Decoding::Sample(SamplingParams {
                 temperature,
                 top_k: request.top_k.unwrap_or(0) as usize,
                 top_p: request.top_p.unwrap_or(1.0),
-                seed: request.seed.unwrap_or_else(|| now_ms()),
+                seed: request.seed.unwrap_or_else(now_ms),
             }),
         };
         decoding.validate().map_err(|e| ChatError::Invalid(e.to_string()))?;
