@@ -50,3 +50,31 @@ pub enum MqttLinkError {
     #[error("the MQTT link is shut down")]
     Closed,
 }
+
+/// What a failed publish means to the caller.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PublishFailure {
+    /// The broker did not acknowledge in time.
+    Timeout(std::time::Duration),
+    /// The broker (or the link's own limits) refused this message; resending it will not help.
+    Refused,
+    /// The broker cannot be reached now; the message may be sent again later.
+    Unreachable,
+}
+
+impl MqttLinkError {
+    /// How callers should treat this error.
+    pub fn failure(&self) -> PublishFailure {
+        match self {
+            MqttLinkError::AckTimeout(waited) => PublishFailure::Timeout(*waited),
+            MqttLinkError::Rejected(_) | MqttLinkError::PayloadTooLarge { .. } => PublishFailure::Refused,
+            MqttLinkError::Disconnected
+            | MqttLinkError::ConnectionLost
+            | MqttLinkError::Busy
+            | MqttLinkError::Closed
+            | MqttLinkError::Config(_)
+            | MqttLinkError::ReadFile { .. }
+            | MqttLinkError::Tls(_) => PublishFailure::Unreachable,
+        }
+    }
+}

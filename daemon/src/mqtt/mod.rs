@@ -17,6 +17,6 @@ mod status;
 mod tls;
 
 pub use config::{MqttConfig, MqttProtocol};
-pub use error::MqttLinkError;
+pub use error::{MqttLinkError, PublishFailure};
 pub use link::{InboundMessage, MqttLink, PublishOptions};
 pub use status::DeviceStatus;

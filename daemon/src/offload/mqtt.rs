@@ -18,7 +18,7 @@ use tokio::task::JoinHandle;
 use uuid::Uuid;
 
 use super::{CloudAnswer, OffloadError, OffloadTransport};
-use crate::mqtt::{InboundMessage, MqttLink, MqttLinkError, MqttProtocol, PublishOptions};
+use crate::mqtt::{InboundMessage, MqttLink, MqttLinkError, MqttProtocol, PublishFailure, PublishOptions};
 
 /// The MQTT offload transport. Requests with the same `request_id` (retries) may overlap: every
 /// waiter gets the one answer.
@@ -113,18 +113,10 @@ impl OffloadTransport for MqttOffload {
 }
 
 fn link_error(error: MqttLinkError) -> OffloadError {
-    match error {
-        MqttLinkError::AckTimeout(waited) => OffloadError::Timeout(waited),
-        MqttLinkError::Rejected(_) | MqttLinkError::PayloadTooLarge { .. } => {
-            OffloadError::Refused(error.to_string())
-        }
-        MqttLinkError::Disconnected
-        | MqttLinkError::ConnectionLost
-        | MqttLinkError::Busy
-        | MqttLinkError::Closed
-        | MqttLinkError::Config(_)
-        | MqttLinkError::ReadFile { .. }
-        | MqttLinkError::Tls(_) => OffloadError::Unreachable(error.to_string()),
+    match error.failure() {
+        PublishFailure::Timeout(waited) => OffloadError::Timeout(waited),
+        PublishFailure::Refused => OffloadError::Refused(error.to_string()),
+        PublishFailure::Unreachable => OffloadError::Unreachable(error.to_string()),
     }
 }
 

@@ -5,7 +5,7 @@ use futures::future::BoxFuture;
 use tandem_core::protocol::{TelemetryBatch, TopicKind};
 
 use super::{PublishError, TelemetryPublisher};
-use crate::mqtt::{MqttLink, MqttLinkError, PublishOptions};
+use crate::mqtt::{MqttLink, MqttLinkError, PublishFailure, PublishOptions};
 
 /// Publishes telemetry batches through the device's [`MqttLink`].
 #[derive(Debug, Clone)]
@@ -42,18 +42,10 @@ impl TelemetryPublisher for MqttTelemetryPublisher {
 }
 
 fn publish_error(error: MqttLinkError) -> PublishError {
-    match error {
-        MqttLinkError::AckTimeout(waited) => PublishError::Timeout(waited),
-        MqttLinkError::Rejected(_) | MqttLinkError::PayloadTooLarge { .. } => {
-            PublishError::Rejected(error.to_string())
-        }
-        MqttLinkError::Disconnected
-        | MqttLinkError::ConnectionLost
-        | MqttLinkError::Busy
-        | MqttLinkError::Closed
-        | MqttLinkError::Config(_)
-        | MqttLinkError::ReadFile { .. }
-        | MqttLinkError::Tls(_) => PublishError::Disconnected(error.to_string()),
+    match error.failure() {
+        PublishFailure::Timeout(waited) => PublishError::Timeout(waited),
+        PublishFailure::Refused => PublishError::Rejected(error.to_string()),
+        PublishFailure::Unreachable => PublishError::Disconnected(error.to_string()),
     }
 }
 
