@@ -9,7 +9,7 @@ export ORT_VERSION
 
 CARGO ?= cargo
 
-.PHONY: all ort build test demo bench clean-ort
+.PHONY: all ort build test demo bench clean-ort cross package
 
 all: build
 
@@ -37,3 +37,15 @@ bench: ort
 
 clean-ort:
 	rm -rf $(ORT_DIR)
+
+# Jetson builds (see cross/README.md): aarch64 tandemd with the GPU providers for JetPack 5 (glibc
+# 2.31) and 6 (glibc 2.35), each binary's glibc floor checked, then the unit tests that do not load
+# ONNX Runtime run under qemu-user. Minutes to tens of minutes; not part of `make test`.
+cross:
+	cross/build.sh
+	cross/test-qemu.sh
+
+# One device .deb per JetPack from the cross builds: target/debian/tandemd_*_arm64.deb.
+package:
+	cross/build.sh
+	cross/package.sh

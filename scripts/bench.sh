@@ -30,3 +30,4 @@ fi
 echo "== engine: tandemd vs onnxruntime-genai on the same model.onnx"
 "$VENV/bin/python" bench/engine_bench.py ./target/release/tandemd "$MODEL" "$VENV/bin/python" \
     --threads "${BENCH_THREADS:-1,2}" --runs "${BENCH_RUNS:-3}"
+BENCH_BUILT=1 scripts/bench-daemon.sh

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Installs what the tests need besides Rust and ONNX Runtime: the Mosquitto broker (Debian) and a
-# Python venv with the official `openai` package (PyPI). Idempotent; run by `make test`.
+# Installs what the tests need besides Rust and ONNX Runtime: the Mosquitto broker, PostgreSQL
+# (the fleet tests start their own cluster with its initdb), Chromium and fonts (the fleet dashboard
+# is rendered headless) from Debian, and a Python venv with the official `openai` package (PyPI).
+# Idempotent; run by `make test`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OPENAI_VERSION=3.52.0
@@ -17,6 +19,14 @@ apt_install() {
 if [ ! -x /usr/sbin/mosquitto ]; then
     echo "test-deps: installing mosquitto"
     apt_install mosquitto
+fi
+if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
+    echo "test-deps: installing postgresql"
+    apt_install postgresql
+fi
+if ! command -v chromium >/dev/null; then
+    echo "test-deps: installing chromium and fonts"
+    apt_install chromium fonts-dejavu-core fonts-liberation
 fi
 command -v curl >/dev/null || apt_install curl
 command -v openssl >/dev/null || apt_install openssl

@@ -3,20 +3,27 @@
 Drives daemons that scripts/bench-daemon.sh started (Python 3 standard library only) and prints
 Markdown tables.
 
-offload: interleaved rounds of four requests over kept-alive connections, in rotating order:
-  direct   the request body the device sends to the cloud, straight to the cloud's endpoint
-  device   the same chat request to a device whose model always asks for help (route `cloud`)
-  control  the same chat request, max_tokens 1, to a device whose model never asks: the API, the
-           chat template and the prefill that an offloaded request also goes through
-  healthz  GET /healthz on the device: the HTTP round trip with nothing behind it
-Rows are per-round differences (paired), so drift over the run cancels out.
+offload: interleaved rounds over kept-alive connections, in rotating order, of
+  direct        the request body the device sends to the cloud, straight to the cloud's endpoint
+  device        the same chat request to a device whose model always asks for help (route `cloud`),
+                state (budget file, telemetry spool) on disk as deployed
+  budget_tmpfs  the same device with its state_dir (the budget file) on tmpfs, where fsync is free
+  all_tmpfs     the same with the telemetry spool on tmpfs too
+  control       the chat request with max_tokens 1 to a never-asking device with all state on tmpfs:
+                the API, chat template and prefill an offloaded request goes through before asking
+  healthz       GET /healthz on the control device: the HTTP round trip with nothing behind it
+  write         one write of a file the budget file's size, the way the budget store writes it
+Differences are taken per round (paired), so drift over the run cancels out. Added overhead =
+device − direct − (control − healthz), split into budget fsyncs (device − budget_tmpfs), spool
+fsync (budget_tmpfs − all_tmpfs) and the rest.
 
 throughput: C clients, each on its own kept-alive connection, send chat requests back to back
 for a fixed time; a 429 is counted and the client waits its Retry-After, as OpenAI clients do.
 
 Usage:
-  daemon_bench.py offload --cloud URL --device URL --control URL --device-state DIR [--rounds 300]
-  daemon_bench.py throughput --url URL [--url-wide URL] [--clients 1,4,16,64] [--duration 10]
+  daemon_bench.py offload --cloud URL --device URL --device-pid PID --device-state DIR
+                          --device-budget-tmpfs URL --device-all-tmpfs URL --control URL [--rounds 300]
+  daemon_bench.py throughput --target LABEL URL MAX_QUEUE CLIENTS [--target ...] [--duration 10]
 """
 import argparse
 import http.client
@@ -56,9 +63,6 @@ class Endpoint:
         self.conn = http.client.HTTPConnection(self.host, self.port, timeout=TIMEOUT_S)
         self.conn.connect()
 
-    def local_port(self):
-        return self.conn.sock.getsockname()[1] if self.conn and self.conn.sock else None
-
     def request(self, method, path, body=None):
         """(status, headers, body bytes, seconds from sending to the last byte read)."""
         if self.conn is None:
@@ -93,8 +97,16 @@ def row(name, values, note=""):
             f"{statistics.fmean(values):.2f} | {note} |")
 
 
-def cloud_connections(cloud_port):
-    """Local ports of established TCP connections to `cloud_port` on this machine."""
+def cloud_connections(pid, cloud_port):
+    """Local ports of the established TCP connections that process `pid` holds to `cloud_port`."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[len("socket:["):-1])
     ports = set()
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
@@ -103,8 +115,8 @@ def cloud_connections(cloud_port):
             continue
         for line in lines:
             fields = line.split()
-            local, remote, state = fields[1], fields[2], fields[3]
-            if state == "01" and int(remote.rsplit(":", 1)[1], 16) == cloud_port:
+            local, remote, state, inode = fields[1], fields[2], fields[3], fields[9]
+            if state == "01" and inode in inodes and int(remote.rsplit(":", 1)[1], 16) == cloud_port:
                 ports.add(int(local.rsplit(":", 1)[1], 16))
     return ports
 
@@ -141,39 +153,48 @@ def time_budget_writes(directory, size, count):
 
 
 def offload(args):
-    cloud, device = Endpoint(args.cloud), Endpoint(args.device)
-    control, health = Endpoint(args.control), Endpoint(args.device)
     cloud_body = json.dumps(CLOUD_BODY).encode()
     chat_body = json.dumps(CHAT_BODY).encode()
     control_body = json.dumps(CONTROL_BODY).encode()
+    budget_file = Path(args.device_state) / "budget.json"
+    probe_dir = Path(args.device_state).parent / "fsync-probe"
 
-    def once(kind):
-        if kind == "direct":
-            status, _, data, elapsed = cloud.request("POST", "/v1/chat/completions", cloud_body)
-            if status != 200:
-                sys.exit(f"the cloud answered {status}: {data[:300]!r}")
-            return elapsed, None
-        if kind == "device":
-            status, headers, data, elapsed = device.request("POST", "/v1/chat/completions", chat_body)
-            body = json.loads(data)
-            if status != 200 or headers.get("x-tandem-route") != "cloud":
-                sys.exit(f"the device answered {status}, route {headers.get('x-tandem-route')}: "
-                         f"{data[:400]!r}")
-            return elapsed, body
-        if kind == "control":
-            status, headers, data, elapsed = control.request("POST", "/v1/chat/completions", control_body)
-            if status != 200 or headers.get("x-tandem-route") != "local":
-                sys.exit(f"the control device answered {status}: {data[:300]!r}")
-            return elapsed, None
-        status, _, data, elapsed = health.request("GET", "/healthz")
+    def post(url, body, route):
+        endpoint = Endpoint(url)
+
+        def send():
+            status, headers, data, elapsed = endpoint.request("POST", "/v1/chat/completions", body)
+            if status != 200 or (route and headers.get("x-tandem-route") != route):
+                sys.exit(f"{url} answered {status}, route {headers.get('x-tandem-route')} "
+                         f"(expected {route}): {data[:400]!r}")
+            return elapsed, json.loads(data)
+        return send
+
+    def healthz():
+        status, _, _, elapsed = health.request("GET", "/healthz")
         if status != 200:
             sys.exit(f"/healthz answered {status}")
         return elapsed, None
 
-    kinds = ["direct", "device", "control", "healthz"]
-    for i in range(args.warmup):
+    def budget_write():
+        started = time.perf_counter()
+        time_budget_writes(probe_dir, budget_file.stat().st_size, 1)
+        return time.perf_counter() - started, None
+
+    health = Endpoint(args.control)
+    requests = {
+        "direct": post(args.cloud, cloud_body, None),
+        "device": post(args.device, chat_body, "cloud"),
+        "budget_tmpfs": post(args.device_budget_tmpfs, chat_body, "cloud"),
+        "all_tmpfs": post(args.device_all_tmpfs, chat_body, "cloud"),
+        "control": post(args.control, control_body, "local"),
+        "healthz": healthz,
+        "write": budget_write,
+    }
+    kinds = list(requests)
+    for _ in range(args.warmup):
         for kind in kinds:
-            once(kind)
+            requests[kind]()
 
     samples = {k: [] for k in kinds}
     local_ms, cloud_ms, tokens = [], [], set()
@@ -183,73 +204,71 @@ def offload(args):
     for i in range(args.rounds):
         shift = i % len(kinds)
         for kind in kinds[shift:] + kinds[:shift]:
-            elapsed, body = once(kind)
+            elapsed, body = requests[kind]()
             samples[kind].append(elapsed * 1000)
-            if body is not None:
+            if kind == "device":
                 local_ms.append(body["tandem"]["local_ms"])
                 cloud_ms.append(body["tandem"]["cloud_ms"])
                 tokens.add(body["usage"]["completion_tokens"])
         if i % 25 == 0 or i == args.rounds - 1:
-            seen_connections |= cloud_connections(cloud_port) - {cloud.local_port()}
+            seen_connections |= cloud_connections(args.device_pid, cloud_port)
     wall = time.perf_counter() - started
 
-    d, e, c, h = (samples[k] for k in kinds)
-    raw = [ei - di for ei, di in zip(e, d)]
-    added = [ei - di - li for ei, di, li in zip(e, d, local_ms)]
-    path_cost = [ei - di - (ci - hi) for ei, di, ci, hi in zip(e, d, c, h)]
-    residual = [ei - li - ci for ei, li, ci in zip(e, local_ms, cloud_ms)]
-    half = args.rounds // 2
-
-    state_dir = Path(args.device_state)
-    budget_file = state_dir / "budget.json"
+    d, e, bt, at, c, h, w = (samples[k] for k in kinds)
+    pairs = lambda f, *series: [f(*values) for values in zip(*series)]
+    local_work = pairs(lambda ci, hi: ci - hi, c, h)
+    added = pairs(lambda ei, di, li: ei - di - li, e, d, local_work)
     budget_bytes = budget_file.stat().st_size
     budget_entries = len(json.loads(budget_file.read_text()).get("settled", []))
-    probe_dir = state_dir.parent / "fsync-probe"
-    writes_now = time_budget_writes(probe_dir, budget_bytes, args.fsync_probes)
     per_entry = budget_bytes / max(budget_entries, 1)
     hour_bytes = int(per_entry * 3600)
+    writes_back_to_back = time_budget_writes(probe_dir, budget_bytes, args.fsync_probes)
     writes_hour = time_budget_writes(probe_dir, hour_bytes, args.fsync_probes)
+    half = args.rounds // 2
 
-    print(f"\n### Offload overhead ({args.rounds} rounds after {args.warmup} warm-up, "
+    print(f"\n### Offload overhead ({args.rounds} interleaved rounds after {args.warmup} warm-up, "
           f"{wall:.1f} s, max_tokens {MAX_TOKENS})\n")
-    print("All times in ms, measured by the client from sending the request to reading the last byte. "
-          "Difference rows are per round (paired).\n")
+    print("Times in ms, measured by the client from sending the request to reading the last byte. "
+          "Difference rows are computed per round (paired), so their percentiles do not add up; "
+          "their means do.\n")
     print("| measure | p50 | p90 | p99 | mean | what |")
     print("|---|---|---|---|---|---|")
-    print(row("direct cloud", d, "request body the device sends, straight to the cloud's endpoint"))
-    print(row("device end-to-end", e, "route `cloud` every time"))
-    print(row("device `tandem.local_ms`", local_ms, "reported by the device (whole ms)"))
-    print(row("device `tandem.cloud_ms`", cloud_ms, "reported by the device (whole ms)"))
-    print(row("**added overhead**", added, "device − direct − `local_ms`"))
-    print(row("raw difference", raw, "device − direct"))
-    print(row("local control", c, "never-asking device, max_tokens 1: API + template + prefill"))
-    print(row("HTTP floor", h, "`GET /healthz` on the device"))
-    print(row("offload path", path_cost, "device − direct − (control − HTTP floor)"))
-    print(row("device residual", residual, "device − `local_ms` − `cloud_ms`"))
-    print(row("budget write", writes_now,
-              f"one fsynced write of the budget file as at the end ({budget_bytes} B); 2 per offload"))
-    print(row("budget write, 1 h at 1 query/s", writes_hour,
-              f"projected file of {hour_bytes} B ({per_entry:.0f} B per query in the window)"))
-
+    print(row("direct cloud", d, "the body the device sends, straight to the cloud's endpoint"))
+    print(row("device end-to-end", e, "route `cloud` every time; state on disk, as deployed"))
+    print(row("device `tandem.local_ms`", local_ms, "as reported (whole ms)"))
+    print(row("device `tandem.cloud_ms`", cloud_ms, "as reported (whole ms)"))
+    print(row("raw difference", pairs(lambda ei, di: ei - di, e, d), "device − direct"))
+    print(row("device − direct − `local_ms`", pairs(lambda ei, di, li: ei - di - li, e, d, local_ms),
+              "the intended subtraction; see the note on `local_ms`"))
+    print(row("local work", local_work, "never-asking device (state on tmpfs), max_tokens 1, − HTTP floor: "
+              "API, template, prefill, the first token"))
+    print(row("**added overhead**", added, "device − direct − local work"))
+    print(row("… budget file fsyncs", pairs(lambda ei, bi: ei - bi, e, bt),
+              "device − the same device with `state_dir` on tmpfs"))
+    print(row("… telemetry spool fsync", pairs(lambda bi, ai: bi - ai, bt, at),
+              "budget on tmpfs − budget and spool on tmpfs"))
+    print(row("… the rest (no disk)", pairs(lambda ai, di, li: ai - di - li, at, d, local_work),
+              "all state on tmpfs − direct − local work"))
+    print(row("HTTP floor", h, "`GET /healthz`"))
+    print(row("budget file write", w, "the budget store's write (2 fsyncs) of a file its size, same disk, "
+              "once per round; 2 per offload"))
+    print(row("budget file write, back to back", writes_back_to_back,
+              f"{args.fsync_probes} such writes in a row, as under a steady stream of offloads"))
+    print(row("budget file write, 1 h at 1 query/s", writes_hour,
+              f"back to back, {hour_bytes} B ({per_entry:.0f} B per query in the 1 h window)"))
     print()
-    print(f"- device completion tokens per answer (device + cloud): {sorted(tokens)}")
-    print(f"- added overhead p50, first half vs second half of the run: "
-          f"{pct(added[:half], 50):.2f} vs {pct(added[half:], 50):.2f} ms "
-          f"(the budget file grew to {budget_entries} entries)")
+    print(f"- completion tokens per answer (device + cloud): {sorted(tokens)}")
+    print(f"- budget file at the end: {budget_bytes} B, {budget_entries} entries; added overhead p50, first "
+          f"vs second half of the run: {pct(added[:half], 50):.2f} vs {pct(added[half:], 50):.2f} ms")
     print(f"- device → cloud TCP connections seen during the run: {len(seen_connections)} "
-          f"({'kept alive and reused' if len(seen_connections) == 1 else 'NOT a single reused connection'})")
+          f"({'kept alive and reused' if len(seen_connections) == 1 else 'NOT one reused connection'})")
     p50 = pct(added, 50)
-    verdict = "meets" if p50 < 1.0 else "misses"
-    print(f"- verdict: added overhead p50 {p50:.2f} ms {verdict} the 1 ms target "
-          f"(offload path alone: p50 {pct(path_cost, 50):.2f} ms)")
+    print(f"- verdict: added overhead p50 {p50:.2f} ms {'meets' if p50 < 1.0 else 'misses'} the 1 ms "
+          f"target; without disk writes {pct(pairs(lambda ai, di, li: ai - di - li, at, d, local_work), 50):.2f} ms")
 
 
 def throughput(args):
     body = json.dumps(CHAT_BODY).encode()
-    levels = [int(c) for c in args.clients.split(",")]
-    runs = [(c, args.url, "default (16)") for c in levels]
-    if args.url_wide:
-        runs += [(c, args.url_wide, args.wide_queue) for c in levels if c > 16]
 
     def measure(clients, url):
         deadline = time.perf_counter() + args.duration
@@ -265,42 +284,50 @@ def throughput(args):
                 except (http.client.HTTPException, OSError) as e:
                     results[slot].append(("error", 0.0, 0, repr(e)))
                     continue
-                tokens = json.loads(data)["usage"]["completion_tokens"] if status == 200 else 0
-                results[slot].append((status, elapsed * 1000, tokens, None))
+                if status == 200:
+                    answer = json.loads(data)
+                    results[slot].append((status, elapsed * 1000, answer["usage"]["completion_tokens"],
+                                          answer["tandem"]["route"]))
+                else:
+                    results[slot].append((status, elapsed * 1000, 0, data[:200]))
                 if status == 429:
-                    time.sleep(min(float(headers.get("retry-after", "1")), max(deadline - time.perf_counter(), 0)))
+                    wait = float(headers.get("retry-after", "1"))
+                    time.sleep(min(wait, max(deadline - time.perf_counter(), 0)))
 
         threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(clients)]
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         for t in threads:
             t.start()
         for t in threads:
             t.join(args.duration + TIMEOUT_S + 5)
         wall = time.perf_counter() - started
-        return [r for rs in results for r in rs], wall
+        client_cores = (time.process_time() - cpu_started) / wall
+        return [r for rs in results for r in rs], wall, client_cores
 
-    # Warm-up: the first requests load kernels and allocators.
-    for url in {args.url, args.url_wide} - {None}:
-        endpoint = Endpoint(url)
-        for _ in range(args.warmup):
-            endpoint.request("POST", "/v1/chat/completions", body)
-
-    print(f"\n### Local API throughput ({args.duration:.0f} s per row, max_tokens {MAX_TOKENS}, "
-          f"route `local`)\n")
-    print("| clients | max_queue | requests/s | completion tokens/s | p50 ms | p99 ms | 429s | other errors |")
-    print("|---|---|---|---|---|---|---|---|")
-    for clients, url, queue in runs:
-        print(f"{clients} clients on max_queue {queue}", file=sys.stderr, flush=True)
-        results, wall = measure(clients, url)
-        ok = [r for r in results if r[0] == 200]
-        refused = sum(1 for r in results if r[0] == 429)
-        errors = [r for r in results if r[0] not in (200, 429)]
-        latencies = [r[1] for r in ok]
-        print(f"| {clients} | {queue} | {len(ok) / wall:.1f} | {sum(r[2] for r in ok) / wall:.0f} | "
-              f"{pct(latencies, 50):.1f} | {pct(latencies, 99):.1f} | {refused} | {len(errors)} |",
-              flush=True)
-        for r in errors[:3]:
-            print(f"  error: {r}", file=sys.stderr)
+    print(f"\n### API throughput ({args.duration:.0f} s per row, max_tokens {MAX_TOKENS})\n")
+    print("| daemon | clients | max_queue | requests/s | completion tokens/s | p50 ms | p99 ms | 429s "
+          "| other errors | routes | client CPU (cores) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    warmed = set()
+    for label, url, queue, clients in args.target:
+        if url not in warmed:
+            endpoint = Endpoint(url)
+            for _ in range(args.warmup):
+                endpoint.request("POST", "/v1/chat/completions", body)
+            warmed.add(url)
+        for n in [int(c) for c in clients.split(",")]:
+            print(f"{label}: {n} clients", file=sys.stderr, flush=True)
+            results, wall, client_cores = measure(n, url)
+            ok = [r for r in results if r[0] == 200]
+            refused = sum(1 for r in results if r[0] == 429)
+            errors = [r for r in results if r[0] not in (200, 429)]
+            routes = sorted({r[3] for r in ok})
+            latencies = [r[1] for r in ok]
+            print(f"| {label} | {n} | {queue} | {len(ok) / wall:.1f} | {sum(r[2] for r in ok) / wall:.0f} | "
+                  f"{pct(latencies, 50):.1f} | {pct(latencies, 99):.1f} | {refused} | {len(errors)} | "
+                  f"{', '.join(routes)} | {client_cores:.2f} |", flush=True)
+            for r in errors[:3]:
+                print(f"  error: {r}", file=sys.stderr)
 
 
 def main():
@@ -308,17 +335,19 @@ def main():
     sub = ap.add_subparsers(dest="command", required=True)
     o = sub.add_parser("offload")
     o.add_argument("--cloud", required=True)
-    o.add_argument("--device", required=True)
-    o.add_argument("--control", required=True)
-    o.add_argument("--device-state", required=True)
+    o.add_argument("--device", required=True, help="the offloading device, state on disk")
+    o.add_argument("--device-pid", type=int, required=True, help="to watch its connections to the cloud")
+    o.add_argument("--device-state", required=True, help="its state_dir")
+    o.add_argument("--device-budget-tmpfs", required=True, help="the same device, state_dir on tmpfs")
+    o.add_argument("--device-all-tmpfs", required=True, help="the same, state_dir and spool on tmpfs")
+    o.add_argument("--control", required=True, help="a never-asking device, state_dir and spool on tmpfs")
     o.add_argument("--rounds", type=int, default=300)
     o.add_argument("--warmup", type=int, default=30)
-    o.add_argument("--fsync-probes", type=int, default=200)
+    o.add_argument("--fsync-probes", type=int, default=100)
     t = sub.add_parser("throughput")
-    t.add_argument("--url", required=True)
-    t.add_argument("--url-wide", help="the same device with a larger max_queue, for clients > 16")
-    t.add_argument("--wide-queue", default="256")
-    t.add_argument("--clients", default="1,4,16,64")
+    t.add_argument("--target", nargs=4, action="append", required=True,
+                   metavar=("LABEL", "URL", "MAX_QUEUE", "CLIENTS"),
+                   help="a daemon to load, with its max_queue (for the table) and client counts, e.g. 1,4,16")
     t.add_argument("--duration", type=float, default=10.0)
     t.add_argument("--warmup", type=int, default=20)
     args = ap.parse_args()

@@ -2,6 +2,7 @@
 //! tests share, starting with the ONNX Runtime inference engine.
 
 pub mod api;
+pub mod bundle_trust;
 pub mod chat;
 pub mod config;
 pub mod engine;

@@ -10,4 +10,5 @@ mod fixtures;
 mod foreign_formats;
 mod mqtt;
 mod parity;
+mod signing;
 mod support;

@@ -1,9 +1,11 @@
 //! The model bundle: the unit that is trained, signed, shipped and loaded.
 //!
 //! A bundle is a directory holding `model.onnx` (plus `model.onnx.data` for external weights),
-//! `tokenizer.json` and `manifest.json`. This module owns the manifest's schema and file names.
+//! `tokenizer.json` and `manifest.json`. This module owns the manifest's schema and file names;
+//! `signature` owns signing and verifying bundles and the key file format.
 
 mod manifest;
+pub mod signature;
 
 pub use manifest::{
     BUNDLE_FORMAT_VERSION, BundleManifest, BundleSignature, DecoderIo, FileDigest, ManifestError,

@@ -8,6 +8,7 @@ use anyhow::Context;
 use clap::{ArgGroup, Args};
 use serde::Serialize;
 use tandem_core::generation::{Decoding, SamplingParams};
+use tandemd::bundle_trust::{load_trusted_keys, verify_model_dir};
 use tandemd::engine::{Engine, EngineConfig, FinishReason, Generation, GenerationParams, ProviderConfig};
 
 /// Arguments of `tandemd generate`.
@@ -17,6 +18,11 @@ pub struct GenerateArgs {
     /// Model directory: a Tandem bundle, an onnxruntime-genai folder or a plain optimum/torch export.
     #[arg(long, value_name = "DIR")]
     model: PathBuf,
+    /// Load the model only if it is a Tandem bundle signed by this public key (NAME.pub from
+    /// `tandem-train keygen`) with every file intact; repeat to trust several keys. Without it the
+    /// model is loaded unverified.
+    #[arg(long = "trusted-key", value_name = "FILE")]
+    trusted_keys: Vec<PathBuf>,
     /// Prompt text, encoded as-is (no chat template, no BOS token).
     #[arg(long)]
     prompt: Option<String>,
@@ -124,6 +130,10 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     // Parameters are checked before the (slow) model load.
     decoding.validate().map_err(tandemd::engine::EngineError::from)?;
 
+    if !args.trusted_keys.is_empty() {
+        let trusted = load_trusted_keys(&args.trusted_keys)?;
+        verify_model_dir(&args.model, &trusted)?;
+    }
     let mut engine = Engine::load(&args.model, &config)
         .with_context(|| format!("could not load the model in {}", args.model.display()))?;
     let prompt = match (&args.prompt, &args.prompt_ids) {

@@ -3,6 +3,7 @@
 use std::io::IsTerminal;
 
 use clap::{Parser, Subcommand};
+use tandemd::bundle_trust::BundleTrustError;
 use tandemd::config::{ConfigError, ValidationError};
 use tandemd::engine::EngineError;
 use tandemd::ops::LoggingError;
@@ -11,6 +12,7 @@ use tracing_subscriber::EnvFilter;
 mod check_config;
 mod config_args;
 mod generate;
+mod prepare;
 mod print_config;
 mod serve;
 
@@ -33,6 +35,9 @@ enum Command {
     PrintConfig(print_config::PrintConfigArgs),
     /// Generate text from a prompt with a local model (no chat template, no server).
     Generate(generate::GenerateArgs),
+    /// Build the TensorRT engines for the configured model ahead of time (the unit runs it before
+    /// `serve`; it returns at once when they are already built).
+    Prepare(prepare::PrepareArgs),
 }
 
 /// Runs the chosen subcommand. `serve` sets up logging from its configuration; the others log
@@ -52,6 +57,10 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             init_stderr_logging();
             generate::run(args)
         }
+        Command::Prepare(args) => {
+            init_stderr_logging();
+            prepare::run(args)
+        }
     }
 }
 
@@ -70,6 +79,7 @@ pub fn exit_code(error: &anyhow::Error) -> u8 {
     let user_error = error.chain().any(|cause| {
         cause.downcast_ref::<EngineError>().is_some_and(EngineError::is_user_error)
             || cause.downcast_ref::<generate::UsageError>().is_some()
+            || cause.downcast_ref::<BundleTrustError>().is_some()
             || cause.downcast_ref::<ConfigError>().is_some()
             || cause.downcast_ref::<ValidationError>().is_some()
             || cause.downcast_ref::<LoggingError>().is_some()

@@ -49,6 +49,13 @@ pub struct DaemonConfig {
     /// optimum/torch export. Required (here, as `TANDEM_MODEL_DIR` or as `--model`).
     #[serde(default)]
     pub model_dir: Option<PathBuf>,
+    /// Public key files (`NAME.pub`, written by `tandem-train keygen`) trusted to sign model
+    /// bundles. When any is given, `serve` loads only a Tandem bundle signed by one of them whose
+    /// files all match the sizes and sha256 in its manifest, and refuses anything else: unsigned
+    /// bundles, bundles signed by other keys or altered after signing, onnxruntime-genai folders and
+    /// plain exports. Empty (the default): any model directory loads unverified, with a warning.
+    #[serde(default)]
+    pub trusted_bundle_keys: Vec<PathBuf>,
     /// Where tandemd keeps state across restarts (budget, telemetry spool, model slots). The systemd
     /// unit's `StateDirectory=tandem` creates the default.
     #[serde(default = "default_state_dir")]
@@ -88,6 +95,7 @@ impl Default for DaemonConfig {
         Self {
             device_id: default_device_id(),
             model_dir: None,
+            trusted_bundle_keys: Vec::new(),
             state_dir: default_state_dir(),
             server: ServerConfig::default(),
             engine: EngineConfig::default(),

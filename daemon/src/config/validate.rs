@@ -6,6 +6,7 @@ use std::fmt;
 use tandem_core::protocol::Transport;
 
 use super::{DaemonConfig, is_device_id_char};
+use crate::bundle_trust::load_trusted_keys;
 use crate::offload::read_secret;
 use crate::telemetry::TelemetryTransport;
 
@@ -76,6 +77,9 @@ impl DaemonConfig {
                 format!("{} is a file; give the directory holding model.onnx instead", dir.display()),
             ),
             Some(_) => {}
+        }
+        if let Err(error) = load_trusted_keys(&self.trusted_bundle_keys) {
+            problem("trusted_bundle_keys", error.to_string());
         }
 
         let server = &self.server;

@@ -9,6 +9,7 @@ use futures::future::BoxFuture;
 use tandem_core::protocol::{OffloadRequest, TelemetryEvent, Transport};
 
 use super::Shutdown;
+use crate::bundle_trust::check_before_loading;
 use crate::chat::ChatBackend;
 use crate::config::DaemonConfig;
 use crate::mqtt::MqttLink;
@@ -81,10 +82,14 @@ pub async fn build_backend(
         .clone()
         .ok_or_else(|| BuildBackendError::new("no model directory: give --model DIR or model_dir"))?;
     let engine_config = config.engine.clone();
-    let worker = tokio::task::spawn_blocking(move || EngineWorker::start(&model_dir, &engine_config))
-        .await
-        .map_err(BuildBackendError::new)?
-        .map_err(BuildBackendError::new)?;
+    let trusted_keys = config.trusted_bundle_keys.clone();
+    // The bundle is verified (every file hashed) before the engine reads any of it.
+    let worker = tokio::task::spawn_blocking(move || {
+        check_before_loading(&model_dir, &trusted_keys).map_err(BuildBackendError::new)?;
+        EngineWorker::start(&model_dir, &engine_config).map_err(BuildBackendError::new)
+    })
+    .await
+    .map_err(BuildBackendError::new)??;
     let template =
         ChatTemplate::new(worker.loaded().model.chat_template.as_deref()).map_err(BuildBackendError::new)?;
     let budget = Arc::new(

@@ -24,11 +24,21 @@ pub enum Mode {
 const MASKED_SCORE: f64 = -1e9;
 
 /// A linear layer `y = x Wᵀ + b` that folds the batch before the matmul (a non-contiguous
-/// batched matmul would materialise one copy of the weight per row).
+/// batched matmul would materialise one copy of the weight per row). With a LoRA adapter it adds
+/// `scale · (x Aᵀ) Bᵀ`, never forming `B A`.
 #[derive(Debug, Clone)]
 struct Linear {
     weight: Tensor,
     bias: Option<Tensor>,
+    lora: Option<LoraAdapter>,
+}
+
+/// A low-rank update of one projection: `A` is `[rank, in]`, `B` is `[out, rank]`.
+#[derive(Debug, Clone)]
+struct LoraAdapter {
+    a: Tensor,
+    b: Tensor,
+    scale: f64,
 }
 
 impl Linear {
@@ -36,12 +46,31 @@ impl Linear {
         let weight = vb.get_with_hints((out_dim, in_dim), "weight", normal(init_std))?;
         let bias =
             if bias { Some(vb.get_with_hints(out_dim, "bias", candle_nn::Init::Const(0.0))?) } else { None };
-        Ok(Self { weight, bias })
+        Ok(Self { weight, bias, lora: None })
+    }
+
+    /// This layer with an adapter read from (or created in) `vb`: `lora_A.weight` with PEFT's
+    /// Kaiming-uniform initialisation, `lora_B.weight` zero, so the adapted layer starts equal.
+    fn with_lora(&self, vb: &VarBuilder, rank: usize, alpha: f64) -> Result<Self> {
+        let (out_dim, in_dim) = self.weight.dims2()?;
+        let bound = 1.0 / (in_dim as f64).sqrt();
+        let a = vb.get_with_hints(
+            (rank, in_dim),
+            "lora_A.weight",
+            candle_nn::Init::Uniform { lo: -bound, up: bound },
+        )?;
+        let b = vb.get_with_hints((out_dim, rank), "lora_B.weight", candle_nn::Init::Const(0.0))?;
+        Ok(Self { lora: Some(LoraAdapter { a, b, scale: alpha / rank as f64 }), ..self.clone() })
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (b, s, d) = x.dims3()?;
-        let y = x.contiguous()?.reshape((b * s, d))?.matmul(&self.weight.t()?)?;
+        let x = x.contiguous()?.reshape((b * s, d))?;
+        let y = x.matmul(&self.weight.t()?)?;
+        let y = match &self.lora {
+            Some(lora) => (y + (x.matmul(&lora.a.t()?)?.matmul(&lora.b.t()?)? * lora.scale)?)?,
+            None => y,
+        };
         let y = match &self.bias {
             Some(bias) => y.broadcast_add(bias)?,
             None => y,
@@ -270,6 +299,35 @@ impl Decoder {
         Ok(Self { config: config.clone(), embed_tokens, layers, norm, lm_head, inv_freq })
     }
 
+    /// A copy of this decoder with LoRA adapters on the `targets` projections of every layer. The
+    /// adapters are read from `vb` (or created there, with a `VarMap`-backed builder) under the
+    /// projection's name: `model.layers.{i}.self_attn.q_proj.lora_A.weight` (`[rank, in]`) and
+    /// `….lora_B.weight` (`[out, rank]`), scaled by `alpha / rank`. The base weights are shared.
+    pub fn with_lora(&self, targets: &[LoraTarget], rank: usize, alpha: f64, vb: VarBuilder) -> Result<Self> {
+        if rank == 0 {
+            candle_core::bail!("LoRA rank must be at least 1");
+        }
+        let mut adapted = self.clone();
+        let model = vb.pp("model");
+        for (i, layer) in adapted.layers.iter_mut().enumerate() {
+            let lvb = model.pp(format!("layers.{i}"));
+            for target in targets {
+                let pvb = lvb.pp(target.module_path());
+                let linear = match target {
+                    LoraTarget::QProj => &mut layer.self_attn.q_proj,
+                    LoraTarget::KProj => &mut layer.self_attn.k_proj,
+                    LoraTarget::VProj => &mut layer.self_attn.v_proj,
+                    LoraTarget::OProj => &mut layer.self_attn.o_proj,
+                    LoraTarget::GateProj => &mut layer.mlp.gate_proj,
+                    LoraTarget::UpProj => &mut layer.mlp.up_proj,
+                    LoraTarget::DownProj => &mut layer.mlp.down_proj,
+                };
+                *linear = linear.with_lora(&pvb, rank, alpha)?;
+            }
+        }
+        Ok(adapted)
+    }
+
     /// The configuration the model was built from.
     pub fn config(&self) -> &ModelConfig {
         &self.config
@@ -343,6 +401,45 @@ impl Decoder {
         let not_padding = attention_mask.to_dtype(DType::F32)?.reshape((batch, 1, 1, total))?;
         let allowed = causal.reshape((1, 1, seq, total))?.broadcast_mul(&not_padding)?;
         (allowed - 1.0)? * -MASKED_SCORE
+    }
+}
+
+/// A projection that can carry a LoRA adapter, named as in PEFT's `target_modules`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LoraTarget {
+    QProj,
+    KProj,
+    VProj,
+    OProj,
+    GateProj,
+    UpProj,
+    DownProj,
+}
+
+impl LoraTarget {
+    /// Every projection of a layer.
+    pub const ALL: [LoraTarget; 7] = [
+        LoraTarget::QProj,
+        LoraTarget::KProj,
+        LoraTarget::VProj,
+        LoraTarget::OProj,
+        LoraTarget::GateProj,
+        LoraTarget::UpProj,
+        LoraTarget::DownProj,
+    ];
+
+    /// The projection's path inside a layer, e.g. `self_attn.q_proj`.
+    pub fn module_path(self) -> &'static str {
+        match self {
+            LoraTarget::QProj => "self_attn.q_proj",
+            LoraTarget::KProj => "self_attn.k_proj",
+            LoraTarget::VProj => "self_attn.v_proj",
+            LoraTarget::OProj => "self_attn.o_proj",
+            LoraTarget::GateProj => "mlp.gate_proj",
+            LoraTarget::UpProj => "mlp.up_proj",
+            LoraTarget::DownProj => "mlp.down_proj",
+        }
     }
 }
 

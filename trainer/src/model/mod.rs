@@ -9,6 +9,6 @@ pub mod weights;
 
 pub use checkpoint::{CheckpointError, HfCheckpoint};
 pub use config::{ModelConfig, ModelFamily};
-pub use decoder::{DEFAULT_INIT_STD, Decoder, Mode, token_logprobs};
+pub use decoder::{DEFAULT_INIT_STD, Decoder, LoraTarget, Mode, token_logprobs};
 pub use kv_cache::KvCache;
 pub use weights::TrainableModel;

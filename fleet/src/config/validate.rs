@@ -1,0 +1,139 @@
+//! Checks that a parsed configuration can run, with errors that say what to change.
+
+use super::{ClientAuth, FleetConfig, MqttMode};
+
+/// One thing wrong with the configuration.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ValidationError {
+    #[error("store.url `{0}` is neither sqlite://PATH nor postgres://…")]
+    StoreUrl(String),
+    #[error("store.max_connections must be at least 1")]
+    MaxConnections,
+    #[error("ingest.{0} must be at least 1")]
+    IngestZero(&'static str),
+    #[error("mqtt.mode = \"external\" needs an [mqtt.external] section with its url")]
+    ExternalMissing,
+    #[error("mqtt.external.url `{0}` is neither mqtt://HOST:PORT nor mqtts://HOST:PORT")]
+    ExternalUrl(String),
+    #[error("mqtt.external.receive_maximum must be at least 1")]
+    ExternalReceiveMaximum,
+    #[error("mqtt.embedded needs `listen` or `tls_listen`")]
+    NoListener,
+    #[error("mqtt.embedded.tls_listen needs a [mqtt.embedded.tls] section with cert_file and key_file")]
+    TlsMissing,
+    #[error("mqtt.embedded.tls.client_auth = \"{0}\" needs client_ca_file")]
+    ClientCaMissing(&'static str),
+    #[error(
+        "mqtt.embedded has neither a devices_file nor allow_anonymous = true: no device could connect"
+    )]
+    NoDevices,
+    #[error("mqtt.embedded.receive_maximum must be at least 1")]
+    ReceiveMaximum,
+    #[error("mqtt.embedded.max_packet_bytes must be at least 1024")]
+    MaxPacket,
+    #[error("gateway.{field}: {reason}")]
+    Gateway { field: &'static str, reason: String },
+}
+
+impl FleetConfig {
+    /// Every problem found, or `Ok` when the configuration can run.
+    pub fn validate(&self) -> Result<(), Vec<ValidationError>> {
+        let mut errors = Vec::new();
+        let url = self.store.url.as_str();
+        if !(url.starts_with("sqlite:") || url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+            errors.push(ValidationError::StoreUrl(self.store.url.clone()));
+        }
+        if self.store.max_connections == 0 {
+            errors.push(ValidationError::MaxConnections);
+        }
+        for (name, value) in [
+            ("max_batch_events", self.ingest.max_batch_events),
+            ("queue_messages", self.ingest.queue_messages),
+            ("max_message_bytes", self.ingest.max_message_bytes),
+        ] {
+            if value == 0 {
+                errors.push(ValidationError::IngestZero(name));
+            }
+        }
+        match self.mqtt.mode {
+            MqttMode::External => match &self.mqtt.external {
+                None => errors.push(ValidationError::ExternalMissing),
+                Some(external) => {
+                    if !(external.url.starts_with("mqtt://") || external.url.starts_with("mqtts://")) {
+                        errors.push(ValidationError::ExternalUrl(external.url.clone()));
+                    }
+                    if external.receive_maximum == 0 {
+                        errors.push(ValidationError::ExternalReceiveMaximum);
+                    }
+                }
+            },
+            MqttMode::Embedded => {
+                let broker = &self.mqtt.embedded;
+                if broker.listen.is_none() && broker.tls_listen.is_none() {
+                    errors.push(ValidationError::NoListener);
+                }
+                if broker.tls_listen.is_some() && broker.tls.is_none() {
+                    errors.push(ValidationError::TlsMissing);
+                }
+                if let Some(tls) = &broker.tls
+                    && tls.client_ca_file.is_none()
+                {
+                    match tls.client_auth {
+                        ClientAuth::None => {}
+                        ClientAuth::Optional => errors.push(ValidationError::ClientCaMissing("optional")),
+                        ClientAuth::Required => errors.push(ValidationError::ClientCaMissing("required")),
+                    }
+                }
+                if broker.devices_file.is_none() && !broker.allow_anonymous {
+                    errors.push(ValidationError::NoDevices);
+                }
+                if broker.receive_maximum == 0 {
+                    errors.push(ValidationError::ReceiveMaximum);
+                }
+                if broker.max_packet_bytes < 1024 {
+                    errors.push(ValidationError::MaxPacket);
+                }
+            }
+        }
+        let gateway = &self.gateway;
+        for (field, policy) in [("device_budget", &gateway.device_budget), ("fleet_budget", &gateway.fleet_budget)] {
+            if let Err(error) = policy.validate() {
+                errors.push(ValidationError::Gateway { field, reason: error.to_string() });
+            }
+        }
+        if gateway.max_in_flight == 0 {
+            errors.push(ValidationError::Gateway { field: "max_in_flight", reason: "must be at least 1".into() });
+        }
+        for (i, upstream) in gateway.upstream.iter().enumerate() {
+            if let Err(error) = tandemd::offload::completions_url(&upstream.url) {
+                errors.push(ValidationError::Gateway { field: "upstream", reason: format!("#{}: {error}", i + 1) });
+            }
+        }
+        if errors.is_empty() { Ok(()) } else { Err(errors) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::load::parse_config;
+
+    #[test]
+    fn the_defaults_need_a_devices_file_or_anonymous_access() {
+        let errors = FleetConfig::default().validate().unwrap_err();
+        assert_eq!(errors, vec![ValidationError::NoDevices]);
+        let config = parse_config("[mqtt.embedded]\nallow_anonymous = true\n").unwrap();
+        assert_eq!(config.validate(), Ok(()));
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once() {
+        let config = parse_config(
+            "[store]\nurl = \"mysql://x\"\n[mqtt]\nmode = \"external\"\n[gateway.device_budget]\ncloud_fraction = 1.5\n",
+        )
+        .unwrap();
+        let errors = config.validate().unwrap_err();
+        assert_eq!(errors.len(), 3, "{errors:?}");
+        assert!(errors.contains(&ValidationError::ExternalMissing));
+    }
+}

@@ -1,0 +1,19 @@
+//! `tandem-fleet`: the fleet side of Tandem. Devices (`tandemd`) publish telemetry and offload
+//! requests over MQTT; the fleet stores the telemetry (SQLite or PostgreSQL), answers offload
+//! requests through its gateway under per-device and fleet-wide budgets, and shows it all in an
+//! operator API and a dashboard.
+//!
+//! Parts, each in its folder: `config` (plain data), `store` (the database), `ingest` (validate,
+//! batch, write, then acknowledge), `broker` (the embedded MQTT broker), `external` (the client of
+//! an external broker), `gateway` (offload), `api` (HTTP + dashboard), `loadgen` (simulated
+//! devices), `serve` (wiring it all together).
+
+pub mod config;
+pub mod store;
+pub mod ingest;
+pub mod metrics;
+pub mod broker;
+pub mod device_link;
+pub mod device_messages;
+pub mod devices_file;
+pub mod gateway;

@@ -1,0 +1,229 @@
+//! The telemetry store: SQLite (WAL, the default) or PostgreSQL, chosen by URL, behind one set of
+//! portable SQL statements run through `sqlx::Any`. Schema changes are migrations embedded at build
+//! time (`fleet/migrations/{sqlite,postgres}`); no database is needed to compile.
+//!
+//! Every statement here is written once for both backends: `$N` placeholders, `ON CONFLICT`,
+//! `RETURNING`, `CASE` instead of `max()`/`GREATEST`, and `CAST(SUM(…) AS BIGINT)` so PostgreSQL
+//! returns integers rather than `NUMERIC`.
+
+mod devices;
+mod events;
+mod latency;
+mod retention;
+mod stats;
+
+use std::time::Duration;
+
+use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
+use sqlx::{AnyPool, Executor};
+
+pub use devices::{DeviceRow, DeviceStatusUpdate};
+pub use events::{EventFilter, EventPage, InsertOutcome, StoredEvent};
+pub use latency::{LatencyHistogram, Percentiles, quantize_latency};
+pub use retention::RetentionReport;
+pub use stats::{GroupBy, StatsQuery, StatsReport, StatsRow};
+
+use crate::config::StoreConfig;
+
+/// Which database the store runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// A store failure.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot connect to the database {url}: {source}")]
+    Connect { url: String, source: sqlx::Error },
+    #[error("cannot apply the database migrations: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("cannot read the database password: {0}")]
+    Password(#[from] tandemd::offload::SecretError),
+    #[error("database error: {0}")]
+    Query(#[from] sqlx::Error),
+    #[error("stored data is not valid: {0}")]
+    Corrupt(String),
+}
+
+/// The store; cheap to clone (a connection pool).
+#[derive(Debug, Clone)]
+pub struct Store {
+    pool: AnyPool,
+    backend: Backend,
+}
+
+static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
+static POSTGRES_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
+
+impl Store {
+    /// Connects (creating a missing SQLite file) and applies pending migrations.
+    pub async fn open(config: &StoreConfig) -> Result<Self, StoreError> {
+        sqlx::any::install_default_drivers();
+        let (url, backend) = connection_url(config)?;
+        let options: AnyConnectOptions = url
+            .parse()
+            .map_err(|source| StoreError::Connect { url: redact(&config.url), source })?;
+        let mut pool_options = AnyPoolOptions::new()
+            .max_connections(config.max_connections)
+            .acquire_timeout(Duration::from_secs(30));
+        if backend == Backend::Sqlite {
+            pool_options = pool_options.after_connect(|conn, _meta| {
+                Box::pin(async move {
+                    // WAL: readers never block the ingest writer. FULL: a commit survives power
+                    // loss, which is what acknowledging a device's message after it promises.
+                    conn.execute("PRAGMA journal_mode = WAL").await?;
+                    conn.execute("PRAGMA synchronous = FULL").await?;
+                    conn.execute("PRAGMA busy_timeout = 10000").await?;
+                    Ok(())
+                })
+            });
+        }
+        let pool = pool_options
+            .connect_with(options)
+            .await
+            .map_err(|source| StoreError::Connect { url: redact(&config.url), source })?;
+        match backend {
+            Backend::Sqlite => SQLITE_MIGRATIONS.run(&pool).await?,
+            Backend::Postgres => POSTGRES_MIGRATIONS.run(&pool).await?,
+        }
+        Ok(Self { pool, backend })
+    }
+
+    /// The database in use.
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    /// Whether the database answers.
+    pub async fn ping(&self) -> bool {
+        sqlx::query("SELECT 1").execute(&self.pool).await.is_ok()
+    }
+
+    /// Closes every connection.
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    /// A persisted gateway budget state by scope (`fleet`, or `device:ID`).
+    pub async fn budget_states(&self) -> Result<Vec<(String, String)>, StoreError> {
+        let rows: Vec<(String, String)> =
+            sqlx::query_as("SELECT scope, state FROM gateway_budget").fetch_all(&self.pool).await?;
+        Ok(rows)
+    }
+
+    /// Saves gateway budget states (JSON), replacing earlier ones of the same scope.
+    pub async fn save_budget_states(&self, states: &[(String, String)]) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await?;
+        for (scope, state) in states {
+            sqlx::query(
+                "INSERT INTO gateway_budget (scope, state) VALUES ($1, $2) \
+                 ON CONFLICT (scope) DO UPDATE SET state = excluded.state",
+            )
+            .bind(scope)
+            .bind(state)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+}
+
+/// The URL to connect with (password and SQLite create mode added) and its backend.
+fn connection_url(config: &StoreConfig) -> Result<(String, Backend), StoreError> {
+    let url = config.url.trim();
+    if let Some(rest) = url.strip_prefix("sqlite:") {
+        let url = if rest.contains('?') { url.to_string() } else { format!("{url}?mode=rwc") };
+        return Ok((url, Backend::Sqlite));
+    }
+    let url = match &config.password {
+        Some(source) => {
+            let password = tandemd::offload::read_secret(source)?;
+            with_password(url, password.expose())
+        }
+        None => url.to_string(),
+    };
+    Ok((url, Backend::Postgres))
+}
+
+/// `postgres://user@host/db` with `:password` (percent-encoded) after the user.
+fn with_password(url: &str, password: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else { return url.to_string() };
+    let encoded: String = password
+        .bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect();
+    match rest.split_once('@') {
+        Some((user, host)) => {
+            let user = user.split(':').next().unwrap_or(user);
+            format!("{scheme}://{user}:{encoded}@{host}")
+        }
+        None => url.to_string(),
+    }
+}
+
+/// The URL without its password, for messages.
+fn redact(url: &str) -> String {
+    match (url.split_once("://"), url.rfind('@')) {
+        (Some((scheme, rest)), Some(_)) => {
+            let (userinfo, host) = rest.rsplit_once('@').unwrap_or(("", rest));
+            let user = userinfo.split(':').next().unwrap_or("");
+            format!("{scheme}://{user}@{host}")
+        }
+        _ => url.to_string(),
+    }
+}
+
+/// `($1, $2, …), (…)`: placeholders for `rows` rows of `columns` values.
+pub(crate) fn values_placeholders(rows: usize, columns: usize) -> String {
+    let mut sql = String::with_capacity(rows * columns * 5);
+    let mut n = 0;
+    for row in 0..rows {
+        if row > 0 {
+            sql.push_str(", ");
+        }
+        sql.push('(');
+        for column in 0..columns {
+            if column > 0 {
+                sql.push_str(", ");
+            }
+            n += 1;
+            sql.push('$');
+            sql.push_str(&n.to_string());
+        }
+        sql.push(')');
+    }
+    sql
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn placeholders_number_every_value() {
+        assert_eq!(values_placeholders(2, 3), "($1, $2, $3), ($4, $5, $6)");
+    }
+
+    #[test]
+    fn the_password_is_encoded_into_the_url_and_never_shown() {
+        assert_eq!(with_password("postgres://fleet@db:5432/t", "p@ss/w"), "postgres://fleet:p%40ss%2Fw@db:5432/t");
+        assert_eq!(redact("postgres://fleet:secret@db/t"), "postgres://fleet@db/t");
+        assert_eq!(redact("sqlite://x.db"), "sqlite://x.db");
+    }
+}

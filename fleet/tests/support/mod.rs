@@ -1,0 +1,3 @@
+//! Helpers shared by the fleet's integration tests.
+
+pub mod postgres;

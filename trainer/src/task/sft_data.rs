@@ -1,0 +1,125 @@
+//! Warm-start data: prompt/completion pairs for supervised fine-tuning before RL.
+//!
+//! For Countdown the completions are worked solutions written from core's exhaustive solver, in
+//! Template I's format (`<think>` with one line per operation, then the expression in `<answer>`).
+//! A configurable share of the examples instead ends with the help marker, on problems picked at
+//! random: the warm-started policy knows the marker exists (as an instruction-tuned model does) but
+//! has not learnt *when* to use it; that is what RL with the collaboration-aware reward teaches.
+
+use std::io::{BufRead, Write};
+
+use rand::Rng;
+use serde::{Deserialize, Serialize};
+use tandem_core::help_marker::HELP_MARKER;
+use tandem_core::tasks::countdown::{CountdownProblem, solve_expr};
+use tandem_core::tasks::templates::{ANSWER_CLOSE, ANSWER_OPEN, THINK_CLOSE, THINK_OPEN};
+
+/// One supervised example: the bare question (the run's template wraps it) and the response.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SftExample {
+    /// The question, without any template.
+    pub prompt: String,
+    /// The response the model learns to give (an end-of-turn token is appended when training).
+    pub completion: String,
+}
+
+/// Errors reading or writing supervised examples.
+#[derive(Debug, thiserror::Error)]
+pub enum SftDataError {
+    #[error("line {line}: {source}")]
+    Json { line: usize, source: serde_json::Error },
+    #[error("line {line}: {source}")]
+    Read { line: usize, source: std::io::Error },
+    #[error("writing examples: {0}")]
+    Write(#[from] std::io::Error),
+}
+
+/// A worked solution of `problem` in Template I's format, or `None` when it has no solution.
+pub fn countdown_worked_solution(problem: &CountdownProblem) -> Option<String> {
+    let expr = solve_expr(problem)?;
+    let steps = expr.steps()?;
+    Some(format!("{THINK_OPEN}\n{}\n{THINK_CLOSE}\n{ANSWER_OPEN} {expr} {ANSWER_CLOSE}", steps.join("\n")))
+}
+
+/// A response that gives up and asks for help, in Template I's format.
+pub fn countdown_help_completion() -> String {
+    format!(
+        "{THINK_OPEN}\nI cannot find a combination that reaches the target.\n{THINK_CLOSE}\n{HELP_MARKER}"
+    )
+}
+
+/// Examples for `problems`: worked solutions, except a `help_fraction` share (chosen at random)
+/// that ask for help.
+pub fn countdown_examples(
+    problems: &[CountdownProblem],
+    help_fraction: f64,
+    rng: &mut impl Rng,
+) -> Vec<SftExample> {
+    problems
+        .iter()
+        .filter_map(|problem| {
+            let completion = if rng.random::<f64>() < help_fraction {
+                countdown_help_completion()
+            } else {
+                countdown_worked_solution(problem)?
+            };
+            Some(SftExample { prompt: problem.question(), completion })
+        })
+        .collect()
+}
+
+/// Reads examples, one JSON object per line (blank lines skipped).
+pub fn read_examples(reader: impl BufRead) -> Result<Vec<SftExample>, SftDataError> {
+    let mut examples = Vec::new();
+    for (index, line) in reader.lines().enumerate() {
+        let line = line.map_err(|source| SftDataError::Read { line: index + 1, source })?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        examples.push(
+            serde_json::from_str(line.trim())
+                .map_err(|source| SftDataError::Json { line: index + 1, source })?,
+        );
+    }
+    Ok(examples)
+}
+
+/// Writes examples as JSONL.
+pub fn write_examples(mut writer: impl Write, examples: &[SftExample]) -> Result<(), SftDataError> {
+    for example in examples {
+        serde_json::to_writer(&mut writer, example).map_err(std::io::Error::from)?;
+        writer.write_all(b"\n")?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::SeedableRng;
+    use tandem_core::help_marker::HelpMarker;
+    use tandem_core::tasks::countdown::{CountdownGenerator, GeneratorConfig, verify_response};
+
+    #[test]
+    fn worked_solutions_are_correct_and_well_formatted() {
+        let problems = CountdownGenerator::new(GeneratorConfig::default(), 3).unwrap().distinct(40).unwrap();
+        for problem in &problems {
+            let text = countdown_worked_solution(problem).unwrap();
+            let check = verify_response(problem, &text);
+            assert!(check.is_correct() && check.well_formatted, "{problem:?}: {text}");
+        }
+    }
+
+    #[test]
+    fn the_help_share_of_examples_ask_for_help_and_round_trip() {
+        let problems = CountdownGenerator::new(GeneratorConfig::default(), 4).unwrap().distinct(200).unwrap();
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
+        let examples = countdown_examples(&problems, 0.25, &mut rng);
+        let help = examples.iter().filter(|e| HelpMarker::find_in(&e.completion).is_some()).count();
+        assert!((30..=70).contains(&help), "{help} of 200 ask for help");
+        let mut out = Vec::new();
+        write_examples(&mut out, &examples).unwrap();
+        assert_eq!(read_examples(out.as_slice()).unwrap(), examples);
+    }
+}
