@@ -3,7 +3,7 @@
 #   target/debian/tandemd_<version>-1+jp5_arm64.deb   (glibc >= 2.31: JetPack 5 and 6)
 #   target/debian/tandemd_<version>-1+jp6_arm64.deb   (glibc >= 2.35: JetPack 6)
 # Contents: /usr/bin/tandemd, /lib/systemd/system/tandemd.service, /etc/tandem/tandemd.toml
-# (conffile, configs/jetson-orin.toml), /usr/lib/tandemd/find-onnxruntime, the deployment guide, and
+# (conffile, configs/tandemd-jetson-orin.toml), /usr/lib/tandemd/find-onnxruntime, the deployment guide, and
 # the maintainer scripts in cross/debian/.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -22,7 +22,7 @@ const UNIT_BINARIES: [&str; 3] = ["tandemd", "tandem-fleet", "tandem-train"];
 /// Highest `systemd-analyze security` exposure a unit may have.
 const MAX_EXPOSURE: f64 = 2.0;
 /// The configuration the package installs as /etc/tandem/tandemd.toml.
-const PACKAGED_CONFIG: &str = "configs/jetson-orin.toml";
+const PACKAGED_CONFIG: &str = "configs/tandemd-jetson-orin.toml";
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -149,12 +149,16 @@ fn setting<'a>(settings: &'a [(String, String)], key: &str) -> Vec<&'a str> {
     settings.iter().filter(|(k, _)| k == key).map(|(_, v)| v.as_str()).collect()
 }
 
-/// The example configurations in configs/.
+/// The tandemd configurations in configs/: `tandemd-*.toml` (files are named after the program that
+/// reads them; `train-*.toml` belong to tandem-train).
 fn example_configs() -> Vec<PathBuf> {
     let mut configs: Vec<PathBuf> = fs::read_dir(repo().join("configs"))
         .expect("configs/ exists")
         .map(|entry| entry.unwrap().path())
-        .filter(|path| path.extension().is_some_and(|ext| ext == "toml"))
+        .filter(|path| {
+            let name = path.file_name().unwrap().to_string_lossy();
+            name.starts_with("tandemd-") && name.ends_with(".toml")
+        })
         .collect();
     configs.sort();
     assert!(configs.len() >= 3, "{configs:?}");
@@ -274,7 +278,7 @@ fn the_device_configs_use_the_directories_and_credentials_the_unit_provides() {
         .map(|spec| spec.split_once(':').expect("LoadCredential=ID:PATH").0.to_string())
         .collect();
     let model = tempfile::tempdir().unwrap();
-    for name in ["jetson-orin.toml", "cpu-device.toml"] {
+    for name in ["tandemd-jetson-orin.toml", "tandemd-cpu-device.toml"] {
         let config = load_config(&repo().join("configs").join(name), model.path());
         assert_eq!(config.state_dir, Path::new(&state), "{name}");
         for provider in &config.engine.execution_providers {
@@ -351,7 +355,7 @@ fn prepare_has_nothing_to_do_without_a_tensorrt_provider() {
     let secrets = credentials_dir();
     let output = run(tandemd_command(Path::new(tandemd()), secrets.path())
         .args(["prepare", "--config"])
-        .arg(repo().join("configs/cpu-device.toml"))
+        .arg(repo().join("configs/tandemd-cpu-device.toml"))
         .arg("--model")
         .arg(model.path()));
     assert!(output.status.success(), "{}", text(&output.stderr));

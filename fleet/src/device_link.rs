@@ -9,5 +9,12 @@ use tandem_core::protocol::TopicKind;
 pub trait DeviceLink: Send + Sync {
     /// Publishes `payload` on `device`'s `kind` topic; `correlation_data` travels as the MQTT 5
     /// property where the client speaks MQTT 5.
-    fn publish(&self, device: &str, kind: TopicKind, payload: Bytes, retain: bool, correlation_data: Option<Bytes>);
+    fn publish(
+        &self,
+        device: &str,
+        kind: TopicKind,
+        payload: Bytes,
+        retain: bool,
+        correlation_data: Option<Bytes>,
+    );
 }

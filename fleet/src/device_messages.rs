@@ -62,7 +62,13 @@ impl DeviceMessages {
                 };
                 let correlation = Bytes::copy_from_slice(request.request_id.as_bytes());
                 let payload = serde_json::to_vec(&response).expect("responses serialise");
-                self.link.publish(device, TopicKind::OffloadResponse, payload.into(), false, Some(correlation));
+                self.link.publish(
+                    device,
+                    TopicKind::OffloadResponse,
+                    payload.into(),
+                    false,
+                    Some(correlation),
+                );
             }
         }
     }
@@ -86,7 +92,8 @@ impl DeviceMessages {
             self.metrics.bad("status_device_mismatch");
             return;
         }
-        let update = DeviceStatusUpdate { device_id: device.to_string(), online: status.online, at_ms: now_ms() };
+        let update =
+            DeviceStatusUpdate { device_id: device.to_string(), online: status.online, at_ms: now_ms() };
         if let Err(error) = self.store.update_device_status(&[update]).await {
             tracing::error!(device, %error, "cannot record a device status");
         }

@@ -143,7 +143,8 @@ impl Devices {
         {
             return Ok(());
         }
-        if let (Some((salt, hash)), Some(password)) = (entry.password.as_deref().and_then(parse_hash), password)
+        if let (Some((salt, hash)), Some(password)) =
+            (entry.password.as_deref().and_then(parse_hash), password)
             && constant_time_eq(&salted_sha256(&salt, password), &hash)
         {
             return Ok(());
@@ -214,7 +215,12 @@ impl DeviceDirectory {
     /// Re-reads `path` whenever its modification time changes (checked every `every`); calls
     /// `changed` with the new devices. A file that became invalid is logged and the previous
     /// devices stay in force.
-    pub async fn watch(self, path: PathBuf, every: Duration, changed: impl Fn(Arc<Devices>) + Send + 'static) {
+    pub async fn watch(
+        self,
+        path: PathBuf,
+        every: Duration,
+        changed: impl Fn(Arc<Devices>) + Send + 'static,
+    ) {
         let modified = |path: &Path| std::fs::metadata(path).and_then(|m| m.modified()).ok();
         let mut seen: Option<SystemTime> = modified(&path);
         loop {
@@ -248,7 +254,10 @@ mod tests {
         assert_eq!(devices.authenticate("robot-1", Some("correct horse battery"), None), Ok(()));
         assert_eq!(devices.authenticate("robot-1", Some("wrong"), None), Err(AuthFailure::BadCredentials));
         assert_eq!(devices.authenticate("robot-1", None, None), Err(AuthFailure::BadCredentials));
-        assert_eq!(devices.authenticate("robot-2", Some("correct horse battery"), None), Err(AuthFailure::UnknownDevice));
+        assert_eq!(
+            devices.authenticate("robot-2", Some("correct horse battery"), None),
+            Err(AuthFailure::UnknownDevice)
+        );
         assert_eq!(devices.groups(), vec![("robot-1".to_string(), Some("lab".to_string()))]);
         assert_ne!(hash_password("x"), hash_password("x"), "salted");
     }

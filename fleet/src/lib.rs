@@ -8,12 +8,16 @@
 //! an external broker), `gateway` (offload), `api` (HTTP + dashboard), `loadgen` (simulated
 //! devices), `serve` (wiring it all together).
 
-pub mod config;
-pub mod store;
-pub mod ingest;
-pub mod metrics;
+pub mod api;
 pub mod broker;
+pub mod config;
 pub mod device_link;
 pub mod device_messages;
 pub mod devices_file;
+pub mod external;
 pub mod gateway;
+pub mod ingest;
+pub mod loadgen;
+pub mod metrics;
+pub mod serve;
+pub mod store;

@@ -96,13 +96,21 @@ impl FleetMetrics {
         };
         registry.register("ingest_messages", "Telemetry messages taken in", metrics.ingest_messages.clone());
         registry.register("ingest_events", "Telemetry events taken in", metrics.ingest_events.clone());
-        registry.register("bad_messages", "Telemetry messages or events refused", metrics.bad_messages.clone());
+        registry.register(
+            "bad_messages",
+            "Telemetry messages or events refused",
+            metrics.bad_messages.clone(),
+        );
         registry.register(
             "db_write_seconds",
             "Time to write one ingest batch",
             metrics.db_write_seconds.clone(),
         );
-        registry.register("db_write_errors", "Failed ingest batch writes (retried)", metrics.db_write_errors.clone());
+        registry.register(
+            "db_write_errors",
+            "Failed ingest batch writes (retried)",
+            metrics.db_write_errors.clone(),
+        );
         registry.register(
             "ingest_queue_depth",
             "Validated messages waiting to be written",
@@ -118,8 +126,16 @@ impl FleetMetrics {
             "Open connections to the embedded broker",
             metrics.broker_connections.clone(),
         );
-        registry.register("broker_connects", "Connection attempts to the embedded broker", metrics.broker_connects.clone());
-        registry.register("acl_denied", "Publishes and subscriptions refused by the topic ACL", metrics.acl_denied.clone());
+        registry.register(
+            "broker_connects",
+            "Connection attempts to the embedded broker",
+            metrics.broker_connects.clone(),
+        );
+        registry.register(
+            "acl_denied",
+            "Publishes and subscriptions refused by the topic ACL",
+            metrics.acl_denied.clone(),
+        );
         registry.register("gateway_requests", "Offload requests", metrics.gateway_requests.clone());
         registry.register(
             "gateway_upstream_seconds",

@@ -32,10 +32,18 @@ where
 
     let postgres = TestPostgres::start();
     let config = StoreConfig { url: postgres.url(), ..StoreConfig::default() };
-    test(Store::open(&config).await.unwrap_or_else(|e| panic!("PostgreSQL store: {e}\n{}", postgres.log()))).await;
+    test(Store::open(&config).await.unwrap_or_else(|e| panic!("PostgreSQL store: {e}\n{}", postgres.log())))
+        .await;
 }
 
-fn event(device: &str, model: &str, at_ms: i64, route: Route, local_ms: u32, cloud_ms: u32) -> TelemetryEvent {
+fn event(
+    device: &str,
+    model: &str,
+    at_ms: i64,
+    route: Route,
+    local_ms: u32,
+    cloud_ms: u32,
+) -> TelemetryEvent {
     let cloud = route == Route::Cloud;
     TelemetryEvent {
         id: Uuid::now_v7(),
@@ -110,9 +118,11 @@ async fn events_read_back_exactly_as_sent_page_by_page() {
         assert_eq!(pages, 3);
         assert_eq!(read, sent, "every event once, in id order, field for field");
 
-        let filter = EventFilter { device: Some("d2".into()), route: Some(Route::Cloud), ..Default::default() };
+        let filter =
+            EventFilter { device: Some("d2".into()), route: Some(Route::Cloud), ..Default::default() };
         let page = store.list_events(&filter, None, 100).await.unwrap();
-        let expected: Vec<_> = sent.iter().filter(|e| e.device_id == "d2" && e.route == Route::Cloud).collect();
+        let expected: Vec<_> =
+            sent.iter().filter(|e| e.device_id == "d2" && e.route == Route::Cloud).collect();
         assert_eq!(page.events.len(), expected.len());
         assert!(page.events.iter().all(|e| e.event.device_id == "d2" && e.event.route == Route::Cloud));
     })
@@ -144,10 +154,7 @@ fn known_workload() -> Vec<TelemetryEvent> {
 
 async fn load_known_workload(store: &Store) {
     let groups = [("d1", "north"), ("d2", "north"), ("d3", "south")];
-    store
-        .sync_device_groups(&groups.map(|(d, g)| (d.to_string(), Some(g.to_string()))))
-        .await
-        .unwrap();
+    store.sync_device_groups(&groups.map(|(d, g)| (d.to_string(), Some(g.to_string())))).await.unwrap();
     store.insert_events(&known_workload(), T0 + 2 * HOUR).await.unwrap();
 }
 
@@ -171,7 +178,10 @@ async fn statistics_of_a_known_workload() {
         let report = store.stats(&query(GroupBy::None, None)).await.unwrap();
         assert_eq!(report.rows.len(), 1);
         let t = &report.totals;
-        assert_eq!((t.queries, t.local, t.cloud, t.local_fallback, t.help_requested, t.errors), (15, 11, 3, 1, 4, 1));
+        assert_eq!(
+            (t.queries, t.local, t.cloud, t.local_fallback, t.help_requested, t.errors),
+            (15, 11, 3, 1, 4, 1)
+        );
         assert!((t.call_ratio - 3.0 / 15.0).abs() < 1e-12, "{}", t.call_ratio);
         assert_eq!((t.local_prompt_tokens, t.local_completion_tokens), (150, 300));
         assert_eq!((t.cloud_prompt_tokens, t.cloud_completion_tokens), (30, 90));
@@ -189,11 +199,13 @@ async fn statistics_of_a_known_workload() {
         assert!((by_device.rows[0].call_ratio - 0.25).abs() < 1e-12);
 
         let by_model = store.stats(&query(GroupBy::ModelVersion, None)).await.unwrap();
-        let rows: Vec<_> = by_model.rows.iter().map(|r| (r.key.as_str(), r.queries, r.help_requested)).collect();
+        let rows: Vec<_> =
+            by_model.rows.iter().map(|r| (r.key.as_str(), r.queries, r.help_requested)).collect();
         assert_eq!(rows, vec![("m1", 10, 2), ("m2", 5, 2)]);
 
         let by_group = store.stats(&query(GroupBy::Group, Some(HOUR))).await.unwrap();
-        let rows: Vec<_> = by_group.rows.iter().map(|r| (r.bucket_start_ms, r.key.as_str(), r.queries)).collect();
+        let rows: Vec<_> =
+            by_group.rows.iter().map(|r| (r.bucket_start_ms, r.key.as_str(), r.queries)).collect();
         assert_eq!(rows, vec![(T0, "north", 10), (T0 + HOUR, "south", 5)]);
 
         let mut only_south = query(GroupBy::None, None);
@@ -214,15 +226,22 @@ async fn statistics_of_a_known_workload() {
 async fn retention_rolls_old_events_up_without_changing_the_numbers() {
     on_both(|store| async move {
         load_known_workload(&store).await;
-        let recent: Vec<_> = (0..4).map(|i| event("d1", "m1", T0 + 40 * DAY + i, Route::Local, 10, 0)).collect();
+        let recent: Vec<_> =
+            (0..4).map(|i| event("d1", "m1", T0 + 40 * DAY + i, Route::Local, 10, 0)).collect();
         store.insert_events(&recent, T0 + 40 * DAY).await.unwrap();
         let all = StatsQuery { to_ms: T0 + 41 * DAY, ..query(GroupBy::Device, Some(HOUR)) };
         let before = store.stats(&all).await.unwrap();
+        let copy = store.list_events(&EventFilter::default(), None, 1).await.unwrap().events[0].event.clone();
 
-        let report = store.apply_retention(T0 + 30 * DAY, None).await.unwrap();
+        let report = store.apply_retention(T0 + 30 * DAY, T0, None).await.unwrap();
         assert_eq!(report.events_rolled_up, 15);
         assert_eq!(store.count_events().await.unwrap(), 4, "only the recent raw events are left");
         assert_eq!(store.stats(&all).await.unwrap(), before, "roll-ups answer for the deleted events");
+
+        // A copy of a rolled-up event (its device never saw the acknowledgement) is a duplicate.
+        let outcome = store.insert_events(std::slice::from_ref(&copy), T0 + 41 * DAY).await.unwrap();
+        assert!(outcome.inserted.is_empty(), "a rolled-up event came back");
+        assert_eq!(store.stats(&all).await.unwrap(), before);
 
         // A device that was offline for weeks delivers an old event after the roll-up: it counts.
         let late = event("d2", "m1", T0 + 30, Route::Cloud, 300, 900);
@@ -232,10 +251,10 @@ async fn retention_rolls_old_events_up_without_changing_the_numbers() {
         assert_eq!(after.totals.cloud, before.totals.cloud + 1);
 
         // Running again rolls the late event up too and changes nothing else.
-        assert_eq!(store.apply_retention(T0 + 30 * DAY, None).await.unwrap().events_rolled_up, 1);
+        assert_eq!(store.apply_retention(T0 + 30 * DAY, T0, None).await.unwrap().events_rolled_up, 1);
         assert_eq!(store.stats(&all).await.unwrap(), after);
 
-        let report = store.apply_retention(T0 + 30 * DAY, Some(T0 + HOUR)).await.unwrap();
+        let report = store.apply_retention(T0 + 30 * DAY, T0, Some(T0 + HOUR)).await.unwrap();
         assert_eq!(report.rollups_deleted, 2, "the hour-0 roll-ups of d1 and d2 are past their own horizon");
     })
     .await;

@@ -12,18 +12,20 @@ use clap::{Parser, Subcommand, ValueEnum};
 use rand::SeedableRng;
 use tandem_core::tasks::countdown::{CountdownGenerator, GeneratorConfig};
 use tandem_core::tasks::dataset::{TaskRecord, write_records};
+use tandem_core::tasks::templates::PromptTemplate;
 use tandem_train::chat_format::ChatFormat;
 use tandem_train::cloud::solver::{SolverOptions, SolverServer};
 use tandem_train::eval::{CandleGenerator, evaluate};
+use tandem_train::export::{AttentionKind, ExportOptions, ExternalData, export_bundle};
 use tandem_train::model::HfCheckpoint;
+use tandem_train::model::presets::Preset;
+use tandem_train::model::{DEFAULT_INIT_STD, TrainableModel};
 use tandem_train::run::bench::{BenchSettings, bench_gapg_step};
 use tandem_train::run::trainer::{CLOUD_CACHE_FILE, FINAL_DIR, describe_eval, device_from_name, open_cloud};
 use tandem_train::run::{RunConfig, Trainer};
-use tandem_train::task::sft_data::{countdown_examples, write_examples};
-use tandem_train::export::{AttentionKind, ExportOptions, ExternalData, export_bundle};
-use tandem_train::model::presets::Preset;
-use tandem_train::model::{DEFAULT_INIT_STD, TrainableModel};
 use tandem_train::signing;
+use tandem_train::task::TaskKind;
+use tandem_train::task::sft_data::{countdown_examples, write_examples};
 use tandem_train::tokenizer_training::{DEFAULT_CORPUS, tokenizer_config_json, train_bpe_tokenizer};
 
 #[derive(Debug, Parser)]
@@ -61,8 +63,9 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         extra_corpus: Option<PathBuf>,
     },
-    /// Write Countdown data: train.jsonl and test.jsonl (task records, disjoint) and sft.jsonl
-    /// (solver-written worked solutions of the training problems, some ending with the help marker).
+    /// Write Countdown data: train.jsonl and test.jsonl (task records, disjoint), sft.jsonl
+    /// (solver-written worked solutions of the training problems, some ending with the help marker)
+    /// and corpus.txt (prompts and responses, for `init --extra-corpus`).
     MakeData {
         /// Output folder.
         #[arg(long)]
@@ -341,7 +344,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 (0.0..=1.0).contains(&sft_help_fraction),
                 "--sft-help-fraction must be in [0, 1]"
             );
-            let config = GeneratorConfig { min_count, max_count, max_number, max_target, ..GeneratorConfig::default() };
+            let config = GeneratorConfig {
+                min_count,
+                max_count,
+                max_number,
+                max_target,
+                ..GeneratorConfig::default()
+            };
             let mut generator = CountdownGenerator::new(config, seed)?;
             let problems = generator.distinct(train + test).context("generating distinct problems")?;
             let (train_set, test_set) = problems.split_at(train);
@@ -353,14 +362,30 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     .map(|(i, p)| TaskRecord::from_countdown(p, Some(format!("countdown-{name}-{i}"))))
                     .collect();
                 let path = out_dir.join(format!("{name}.jsonl"));
-                let file = std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
+                let file =
+                    std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
                 write_records(std::io::BufWriter::new(file), &records)?;
             }
             let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ 0x5f7);
             let examples = countdown_examples(train_set, sft_help_fraction, &mut rng);
             let path = out_dir.join("sft.jsonl");
-            let file = std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
+            let file =
+                std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
             write_examples(std::io::BufWriter::new(file), &examples)?;
+            // Text for `init --extra-corpus`: the prompts and responses a run will see, as often as it
+            // will see them, so a tokenizer trained with it encodes them in few tokens.
+            let mut corpus = TaskKind::Countdown.template(false).system_prompt();
+            corpus.push('\n');
+            for example in &examples {
+                corpus.push_str(&PromptTemplate::COUNTDOWN.system_prompt());
+                corpus.push('\n');
+                corpus.push_str(&PromptTemplate::COUNTDOWN.user_prompt(&example.prompt));
+                corpus.push('\n');
+                corpus.push_str(&example.completion);
+                corpus.push('\n');
+            }
+            let path = out_dir.join("corpus.txt");
+            std::fs::write(&path, corpus).with_context(|| format!("writing {}", path.display()))?;
             println!(
                 "wrote {} training, {} test and {} warm-start examples to {}",
                 train_set.len(),
@@ -424,10 +449,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 std::thread::park();
             }
         }
-        Command::BenchStep { checkpoint, prompts_file, prompts, group_size, max_new_tokens, steps, warmup } => {
+        Command::BenchStep {
+            checkpoint,
+            prompts_file,
+            prompts,
+            group_size,
+            max_new_tokens,
+            steps,
+            warmup,
+        } => {
             let text = std::fs::read_to_string(&prompts_file)
                 .with_context(|| format!("reading {}", prompts_file.display()))?;
-            let lines: Vec<String> = text.lines().filter(|l| !l.trim().is_empty()).map(str::to_string).collect();
+            let lines: Vec<String> =
+                text.lines().filter(|l| !l.trim().is_empty()).map(str::to_string).collect();
             let settings =
                 BenchSettings { prompts, group_size, max_new_tokens, steps, warmup, lr: 1e-4, seed: 0 };
             let report = bench_gapg_step(&checkpoint, &lines, &settings)?;

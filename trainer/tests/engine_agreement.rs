@@ -28,7 +28,12 @@ struct EngineGenerator {
 }
 
 impl GreedyGenerator for EngineGenerator {
-    fn generate(&mut self, prompts: &[Vec<u32>], max_new_tokens: usize, banned: &[u32]) -> Result<Vec<Vec<u32>>, EvalError> {
+    fn generate(
+        &mut self,
+        prompts: &[Vec<u32>],
+        max_new_tokens: usize,
+        banned: &[u32],
+    ) -> Result<Vec<Vec<u32>>, EvalError> {
         let params = GenerationParams {
             stop_strings: vec![HELP_OPEN_TAG.to_string()],
             banned_token_ids: banned.to_vec(),
@@ -44,7 +49,11 @@ fn ort_library() -> PathBuf {
     let path = std::env::var_os("ORT_DYLIB_PATH")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.ort/libonnxruntime.so"));
-    assert!(path.exists(), "ONNX Runtime not found at {}: run `make ort` or set ORT_DYLIB_PATH", path.display());
+    assert!(
+        path.exists(),
+        "ONNX Runtime not found at {}: run `make ort` or set ORT_DYLIB_PATH",
+        path.display()
+    );
     path
 }
 
@@ -67,8 +76,18 @@ fn problems() -> Vec<Problem> {
 
 fn run(generator: &mut dyn GreedyGenerator, format: &ChatFormat, cache: PathBuf) -> EvalReport {
     let mut cloud = CachedCloud::new(SolverCloud::default(), CloudCache::open(&cache).unwrap());
-    let settings = EvalSettings { call_cap: 0.3, max_new_tokens: 20, batch_size: 6, baselines: true, seed: 3 };
-    evaluate(generator, format, TaskKind::Countdown, PromptTemplate::COUNTDOWN, &problems(), &mut cloud, &settings).unwrap()
+    let settings =
+        EvalSettings { call_cap: 0.3, max_new_tokens: 20, batch_size: 6, baselines: true, seed: 3 };
+    evaluate(
+        generator,
+        format,
+        TaskKind::Countdown,
+        PromptTemplate::COUNTDOWN,
+        &problems(),
+        &mut cloud,
+        &settings,
+    )
+    .unwrap()
 }
 
 #[test]
@@ -79,7 +98,11 @@ fn the_exported_bundle_on_the_daemon_engine_makes_the_same_predictions_as_candle
     let mut tensors = model.tensors();
     let head = tensors["lm_head.weight"].clone();
     let help_row = (head.narrow(0, 3, 1).unwrap() * 6.0).unwrap();
-    let boosted = Tensor::cat(&[head.narrow(0, 0, 3).unwrap(), help_row, head.narrow(0, 4, head.dim(0).unwrap() - 4).unwrap()], 0).unwrap();
+    let boosted = Tensor::cat(
+        &[head.narrow(0, 0, 3).unwrap(), help_row, head.narrow(0, 4, head.dim(0).unwrap() - 4).unwrap()],
+        0,
+    )
+    .unwrap();
     tensors.insert("lm_head.weight".into(), boosted);
     tandem_train::model::checkpoint::save_checkpoint(&checkpoint, model.decoder.config(), &tensors).unwrap();
     train_bpe_tokenizer(DEFAULT_CORPUS, 400, &checkpoint.join("tokenizer.json")).unwrap();
@@ -90,7 +113,8 @@ fn the_exported_bundle_on_the_daemon_engine_makes_the_same_predictions_as_candle
     let source = HfCheckpoint::open(&checkpoint).unwrap();
     let candle_model = TrainableModel::from_checkpoint(&source, &Device::Cpu).unwrap();
     let format = ChatFormat::load(&checkpoint, &source.config.eos_token_ids).unwrap();
-    let from_candle = run(&mut CandleGenerator::new(&candle_model.decoder, &format), &format, dir.path().join("a.jsonl"));
+    let from_candle =
+        run(&mut CandleGenerator::new(&candle_model.decoder, &format), &format, dir.path().join("a.jsonl"));
 
     let config = EngineConfig { ort_library: Some(ort_library()), ..EngineConfig::default() };
     let engine = Engine::load(&bundle, &config).unwrap();

@@ -92,7 +92,6 @@ pub fn run(args: PrepareArgs) -> anyhow::Result<()> {
     let mut engine = Engine::load(&model_dir, &engine_config)
         .with_context(|| format!("could not load {} with TensorRT", model_dir.display()))?;
     let shapes = profile.shapes(engine.layout());
-    tracing::debug!(min = shapes.min, opt = shapes.opt, max = shapes.max, "TensorRT profile");
     for pass in profile.passes() {
         progress.step(&describe_pass(pass));
         let pass_started = Instant::now();
@@ -105,6 +104,7 @@ pub fn run(args: PrepareArgs) -> anyhow::Result<()> {
         let record = PreparedCache {
             key: key.clone(),
             profile,
+            shapes: shapes.clone(),
             model_dir: model.root.clone(),
             tandemd_version: env!("CARGO_PKG_VERSION").to_string(),
             seconds,

@@ -398,8 +398,11 @@ impl TrtProfile {
 pub struct PreparedCache {
     /// The key the directory is named after.
     pub key: TrtCacheKey,
-    /// The shapes the engine was built for.
+    /// The sequence lengths the engine was built for.
     pub profile: TrtProfile,
+    /// The same as ONNX Runtime's explicit profile strings, for comparing with an engine built
+    /// another way.
+    pub shapes: ProfileShapes,
     /// The model directory it was prepared from.
     pub model_dir: PathBuf,
     /// The tandemd version that prepared it.
@@ -655,6 +658,11 @@ mod tests {
         let record = PreparedCache {
             key: key(),
             profile: TrtProfile::new(2048, 256).unwrap(),
+            shapes: ProfileShapes {
+                min: "input_ids:1x1".into(),
+                opt: "input_ids:1x1".into(),
+                max: "input_ids:1x2048".into(),
+            },
             model_dir: "/var/lib/tandem/models/current".into(),
             tandemd_version: "0.1.0".into(),
             seconds: 612.5,

@@ -69,6 +69,15 @@ CREATE TABLE rollup_latency_hourly (
     PRIMARY KEY (hour_ms, device_id, model_version, kind, latency_q)
 ) WITHOUT ROWID;
 
+-- Ids of rolled-up (deleted) raw events, remembered for retention.dedup_days so that a late copy of
+-- one is still recognised as a duplicate.
+CREATE TABLE rolled_up_events (
+    id TEXT PRIMARY KEY NOT NULL,
+    hour_ms BIGINT NOT NULL
+) WITHOUT ROWID;
+
+CREATE INDEX rolled_up_events_by_hour ON rolled_up_events (hour_ms);
+
 CREATE TABLE fleet_meta (
     name TEXT PRIMARY KEY NOT NULL,
     value BIGINT NOT NULL

@@ -6,7 +6,8 @@
 use tandem_core::protocol::{DeviceTopics, TopicKind, parse_device_topic};
 
 /// The device → fleet topics.
-const PUBLISHED_BY_DEVICES: [TopicKind; 3] = [TopicKind::Telemetry, TopicKind::OffloadRequest, TopicKind::Status];
+const PUBLISHED_BY_DEVICES: [TopicKind; 3] =
+    [TopicKind::Telemetry, TopicKind::OffloadRequest, TopicKind::Status];
 /// The fleet → device topics.
 const READ_BY_DEVICES: [TopicKind; 2] = [TopicKind::OffloadResponse, TopicKind::Assignment];
 

@@ -56,12 +56,22 @@ pub struct InPublish {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Inbound {
     Publish(InPublish),
-    PubAck { pkid: u16 },
-    Subscribe { pkid: u16, filters: Vec<(String, u8)> },
-    Unsubscribe { pkid: u16, filters: Vec<String> },
+    PubAck {
+        pkid: u16,
+    },
+    Subscribe {
+        pkid: u16,
+        filters: Vec<(String, u8)>,
+    },
+    Unsubscribe {
+        pkid: u16,
+        filters: Vec<String>,
+    },
     PingReq,
     /// `with_will`: MQTT 5 reason 0x04, "disconnect with will message".
-    Disconnect { with_will: bool },
+    Disconnect {
+        with_will: bool,
+    },
     /// A packet this broker does not serve (QoS 2 flow, AUTH, a second CONNECT, a topic alias).
     Unsupported(&'static str),
 }
@@ -107,13 +117,32 @@ pub struct ServerLimits {
 /// A packet to a client.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outbound {
-    ConnAck { code: ConnectCode, limits: ServerLimits },
-    PubAck { pkid: u16, reason: AckReason },
+    ConnAck {
+        code: ConnectCode,
+        limits: ServerLimits,
+    },
+    PubAck {
+        pkid: u16,
+        reason: AckReason,
+    },
     /// `granted[i]`: the QoS granted to filter i, or `None` when refused.
-    SubAck { pkid: u16, granted: Vec<Option<u8>>, refused_as_not_authorized: bool },
-    UnsubAck { pkid: u16, count: usize },
+    SubAck {
+        pkid: u16,
+        granted: Vec<Option<u8>>,
+        refused_as_not_authorized: bool,
+    },
+    UnsubAck {
+        pkid: u16,
+        count: usize,
+    },
     PingResp,
-    Publish { topic: String, payload: Bytes, pkid: u16, retain: bool, correlation_data: Option<Bytes> },
+    Publish {
+        topic: String,
+        payload: Bytes,
+        pkid: u16,
+        retain: bool,
+        correlation_data: Option<Bytes>,
+    },
     Disconnect(DisconnectReason),
 }
 
@@ -177,7 +206,12 @@ pub fn read_connect(buf: &mut BytesMut, max: u32) -> Result<Option<Connect>, Cod
                 keep_alive_secs: c.keep_alive,
                 username: c.login.as_ref().map(|l| l.username.clone()).filter(|u| !u.is_empty()),
                 password: c.login.map(|l| l.password).filter(|p| !p.is_empty()),
-                will: c.last_will.map(|w| Will { topic: w.topic, payload: w.message, qos: w.qos as u8, retain: w.retain }),
+                will: c.last_will.map(|w| Will {
+                    topic: w.topic,
+                    payload: w.message,
+                    qos: w.qos as u8,
+                    retain: w.retain,
+                }),
                 max_packet_size: None,
             })),
             Ok(_) => Err(CodecError::NotConnect),
@@ -258,7 +292,9 @@ fn from_v4(packet: v4::Packet) -> Inbound {
         v4::Packet::PingReq => Inbound::PingReq,
         v4::Packet::Disconnect => Inbound::Disconnect { with_will: false },
         v4::Packet::Connect(_) => Inbound::Unsupported("a second CONNECT"),
-        v4::Packet::PubRec(_) | v4::Packet::PubRel(_) | v4::Packet::PubComp(_) => Inbound::Unsupported("QoS 2"),
+        v4::Packet::PubRec(_) | v4::Packet::PubRel(_) | v4::Packet::PubComp(_) => {
+            Inbound::Unsupported("QoS 2")
+        }
         _ => Inbound::Unsupported("a packet only a server sends"),
     }
 }
@@ -292,7 +328,9 @@ fn from_v5(packet: v5::Packet) -> Result<Inbound, CodecError> {
             with_will: d.reason_code == v5::DisconnectReasonCode::DisconnectWithWillMessage,
         },
         v5::Packet::Connect(..) => Inbound::Unsupported("a second CONNECT"),
-        v5::Packet::PubRec(_) | v5::Packet::PubRel(_) | v5::Packet::PubComp(_) => Inbound::Unsupported("QoS 2"),
+        v5::Packet::PubRec(_) | v5::Packet::PubRel(_) | v5::Packet::PubComp(_) => {
+            Inbound::Unsupported("QoS 2")
+        }
         v5::Packet::Auth(_) => Inbound::Unsupported("enhanced authentication"),
         _ => Inbound::Unsupported("a packet only a server sends"),
     })
@@ -328,7 +366,8 @@ pub fn write(protocol: Protocol, packet: &Outbound, buf: &mut BytesMut) -> Resul
                 Outbound::UnsubAck { pkid, .. } => v4::Packet::UnsubAck(v4::UnsubAck::new(*pkid)),
                 Outbound::PingResp => v4::Packet::PingResp,
                 Outbound::Publish { topic, payload, pkid, retain, .. } => {
-                    let mut publish = v4::Publish::from_bytes(topic.clone(), v4b::QoS::AtLeastOnce, payload.clone());
+                    let mut publish =
+                        v4::Publish::from_bytes(topic.clone(), v4b::QoS::AtLeastOnce, payload.clone());
                     publish.pkid = *pkid;
                     publish.retain = *retain;
                     v4::Packet::Publish(publish)
@@ -380,18 +419,20 @@ pub fn write(protocol: Protocol, packet: &Outbound, buf: &mut BytesMut) -> Resul
                     };
                     v5::Packet::PubAck(ack)
                 }
-                Outbound::SubAck { pkid, granted, refused_as_not_authorized } => v5::Packet::SubAck(v5::SubAck {
-                    pkid: *pkid,
-                    return_codes: granted
-                        .iter()
-                        .map(|g| match g {
-                            Some(qos) => v5::SubscribeReasonCode::Success(qos_of5(*qos)),
-                            None if *refused_as_not_authorized => v5::SubscribeReasonCode::NotAuthorized,
-                            None => v5::SubscribeReasonCode::TopicFilterInvalid,
-                        })
-                        .collect(),
-                    properties: None,
-                }),
+                Outbound::SubAck { pkid, granted, refused_as_not_authorized } => {
+                    v5::Packet::SubAck(v5::SubAck {
+                        pkid: *pkid,
+                        return_codes: granted
+                            .iter()
+                            .map(|g| match g {
+                                Some(qos) => v5::SubscribeReasonCode::Success(qos_of5(*qos)),
+                                None if *refused_as_not_authorized => v5::SubscribeReasonCode::NotAuthorized,
+                                None => v5::SubscribeReasonCode::TopicFilterInvalid,
+                            })
+                            .collect(),
+                        properties: None,
+                    })
+                }
                 Outbound::UnsubAck { pkid, count } => v5::Packet::UnsubAck(v5::UnsubAck {
                     pkid: *pkid,
                     reasons: vec![v5::UnsubAckReason::Success; *count],
@@ -399,23 +440,31 @@ pub fn write(protocol: Protocol, packet: &Outbound, buf: &mut BytesMut) -> Resul
                 }),
                 Outbound::PingResp => v5::Packet::PingResp(v5::PingResp),
                 Outbound::Publish { topic, payload, pkid, retain, correlation_data } => {
-                    let properties = correlation_data
-                        .as_ref()
-                        .map(|c| v5::PublishProperties { correlation_data: Some(c.clone()), ..Default::default() });
-                    let mut publish = v5::Publish::new(topic.clone(), v5b::QoS::AtLeastOnce, payload.clone(), properties);
+                    let properties = correlation_data.as_ref().map(|c| v5::PublishProperties {
+                        correlation_data: Some(c.clone()),
+                        ..Default::default()
+                    });
+                    let mut publish =
+                        v5::Publish::new(topic.clone(), v5b::QoS::AtLeastOnce, payload.clone(), properties);
                     publish.pkid = *pkid;
                     publish.retain = *retain;
                     v5::Packet::Publish(publish)
                 }
-                Outbound::Disconnect(reason) => v5::Packet::Disconnect(v5::Disconnect::new(match reason {
-                    DisconnectReason::SessionTakenOver => v5::DisconnectReasonCode::SessionTakenOver,
-                    DisconnectReason::KeepAliveTimeout => v5::DisconnectReasonCode::KeepAliveTimeout,
-                    DisconnectReason::ProtocolError => v5::DisconnectReasonCode::ProtocolError,
-                    DisconnectReason::PacketTooLarge => v5::DisconnectReasonCode::PacketTooLarge,
-                    DisconnectReason::QosNotSupported => v5::DisconnectReasonCode::QoSNotSupported,
-                    DisconnectReason::TopicAliasInvalid => v5::DisconnectReasonCode::TopicAliasInvalid,
-                    DisconnectReason::ServerShuttingDown => v5::DisconnectReasonCode::ServerShuttingDown,
-                })),
+                Outbound::Disconnect(reason) => {
+                    // Written by hand: rumqttc 0.25 counts one byte too few for a DISCONNECT with
+                    // a reason code and no properties. This is reason code + empty properties.
+                    let code = match reason {
+                        DisconnectReason::SessionTakenOver => v5::DisconnectReasonCode::SessionTakenOver,
+                        DisconnectReason::KeepAliveTimeout => v5::DisconnectReasonCode::KeepAliveTimeout,
+                        DisconnectReason::ProtocolError => v5::DisconnectReasonCode::ProtocolError,
+                        DisconnectReason::PacketTooLarge => v5::DisconnectReasonCode::PacketTooLarge,
+                        DisconnectReason::QosNotSupported => v5::DisconnectReasonCode::QoSNotSupported,
+                        DisconnectReason::TopicAliasInvalid => v5::DisconnectReasonCode::TopicAliasInvalid,
+                        DisconnectReason::ServerShuttingDown => v5::DisconnectReasonCode::ServerShuttingDown,
+                    };
+                    buf.extend_from_slice(&[0xE0, 0x02, code as u8, 0x00]);
+                    return Ok(());
+                }
             };
             packet.write(buf, None).map_err(|e| malformed(e.to_string()))?;
         }
@@ -436,7 +485,8 @@ mod tests {
     use super::*;
 
     fn v5_connect() -> BytesMut {
-        let connect = v5::Connect { keep_alive: 30, client_id: "robot-1".into(), clean_start: true, properties: None };
+        let connect =
+            v5::Connect { keep_alive: 30, client_id: "robot-1".into(), clean_start: true, properties: None };
         let login = v5::Login { username: "robot-1".into(), password: "secret".into() };
         let mut buf = BytesMut::new();
         v5::Packet::Connect(connect, None, Some(login)).write(&mut buf, None).unwrap();
@@ -451,7 +501,10 @@ mod tests {
         let mut buf = full.clone();
         let connect = read_connect(&mut buf, 1024).unwrap().unwrap();
         assert_eq!((connect.protocol, connect.client_id.as_str()), (Protocol::V5, "robot-1"));
-        assert_eq!((connect.username.as_deref(), connect.password.as_deref()), (Some("robot-1"), Some("secret")));
+        assert_eq!(
+            (connect.username.as_deref(), connect.password.as_deref()),
+            (Some("robot-1"), Some("secret"))
+        );
         assert!(buf.is_empty());
 
         let mut v311 = v4::Connect::new("robot-2");

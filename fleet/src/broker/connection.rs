@@ -20,8 +20,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::acl::{may_publish, may_subscribe};
 use super::codec::{
-    self, AckReason, CodecError, Connect, ConnectCode, DisconnectReason, InPublish, Inbound, Outbound, Protocol,
-    ServerLimits,
+    self, AckReason, CodecError, Connect, ConnectCode, DisconnectReason, InPublish, Inbound, Outbound,
+    Protocol, ServerLimits,
 };
 use super::router::{ClientHandle, Delivery, Router};
 use crate::config::EmbeddedBrokerConfig;
@@ -53,7 +53,11 @@ pub(crate) struct Context {
 enum Command {
     Send(Outbound),
     /// Send a PUBACK for `pkid` once `done` says how; the permit is the receive-maximum slot.
-    AckWhenDone { pkid: u16, done: oneshot::Receiver<AckReason>, permit: OwnedSemaphorePermit },
+    AckWhenDone {
+        pkid: u16,
+        done: oneshot::Receiver<AckReason>,
+        permit: OwnedSemaphorePermit,
+    },
     /// The device acknowledged our publish `pkid`.
     DeviceAcked(u16),
     /// A message for this client only (a retained message after its SUBACK).
@@ -81,7 +85,8 @@ where
     let mut buf = BytesMut::with_capacity(8 * 1024);
     let max = ctx.config.max_packet_bytes;
     let connect_timeout = Duration::from_millis(ctx.config.connect_timeout_ms);
-    let connect = match tokio::time::timeout(connect_timeout, read_connect(&mut reader, &mut buf, max)).await {
+    let connect = match tokio::time::timeout(connect_timeout, read_connect(&mut reader, &mut buf, max)).await
+    {
         Ok(Ok(connect)) => connect,
         Ok(Err(error)) => {
             tracing::debug!(%peer, %error, "refusing a connection");
@@ -151,7 +156,11 @@ where
     tracing::debug!(%peer, %client_id, "client disconnected");
 }
 
-async fn read_connect<R: AsyncRead + Unpin>(reader: &mut R, buf: &mut BytesMut, max: u32) -> Result<Connect, CodecError> {
+async fn read_connect<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    buf: &mut BytesMut,
+    max: u32,
+) -> Result<Connect, CodecError> {
     loop {
         if let Some(connect) = codec::read_connect(buf, max)? {
             return Ok(connect);
@@ -185,7 +194,9 @@ impl Context {
         if let Some(devices) = &self.devices {
             match devices.get().authenticate(&claimed, connect.password.as_deref(), certificate) {
                 Ok(()) => return Ok(claimed),
-                Err(AuthFailure::BadCredentials) => return Err((ConnectCode::BadCredentials, "bad_credentials")),
+                Err(AuthFailure::BadCredentials) => {
+                    return Err((ConnectCode::BadCredentials, "bad_credentials"));
+                }
                 Err(AuthFailure::UnknownDevice) if !self.config.allow_anonymous => {
                     return Err((ConnectCode::NotAuthorized, "unknown_device"));
                 }
@@ -296,7 +307,11 @@ impl Session<'_> {
             Inbound::PingReq => self.send(Outbound::PingResp),
             Inbound::Disconnect { with_will } => return Some(End::Clean { with_will }),
             Inbound::Unsupported(what) => {
-                tracing::info!(client_id = self.client_id, what, "closing a connection that used an unsupported feature");
+                tracing::info!(
+                    client_id = self.client_id,
+                    what,
+                    "closing a connection that used an unsupported feature"
+                );
                 let reason = match what {
                     "QoS 2" => DisconnectReason::QosNotSupported,
                     "topic aliases" => DisconnectReason::TopicAliasInvalid,
@@ -316,7 +331,8 @@ impl Session<'_> {
         let permit = self.window.clone().acquire_owned().await.expect("the window is never closed");
         let (done, pending) = oneshot::channel();
         if publish.qos == 1 {
-            let _writer_gone = self.commands.send(Command::AckWhenDone { pkid: publish.pkid, done: pending, permit });
+            let _writer_gone =
+                self.commands.send(Command::AckWhenDone { pkid: publish.pkid, done: pending, permit });
         }
         let Some(kind) = may_publish(self.device, &publish.topic) else {
             tracing::warn!(device = self.device, topic = %publish.topic, "publish refused by the ACL");

@@ -68,7 +68,8 @@ impl EmbeddedBroker {
         let mut broker = Self { address: None, tls_address: None, tasks: Vec::new() };
         if let Some(address) = config.listen {
             let listener = bind(address).await?;
-            broker.address = Some(listener.local_addr().map_err(|source| BrokerError::Bind { address, source })?);
+            broker.address =
+                Some(listener.local_addr().map_err(|source| BrokerError::Bind { address, source })?);
             broker.tasks.push(tokio::spawn(accept_plain(listener, context.clone())));
         }
         if let (Some(address), Some(tls)) = (config.tls_listen, &config.tls) {
@@ -105,7 +106,11 @@ async fn accept_plain(listener: TcpListener, context: Arc<connection::Context>) 
     }
 }
 
-async fn accept_tls(listener: TcpListener, acceptor: tokio_rustls::TlsAcceptor, context: Arc<connection::Context>) {
+async fn accept_tls(
+    listener: TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+    context: Arc<connection::Context>,
+) {
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
@@ -130,7 +135,11 @@ async fn accept_tls(listener: TcpListener, acceptor: tokio_rustls::TlsAcceptor, 
                 }
                 Ok(Err(error)) => {
                     tracing::info!(%peer, %error, "TLS handshake failed");
-                    context.metrics.broker_connects.get_or_create(&crate::metrics::ResultLabels { result: "tls_failed" }).inc();
+                    context
+                        .metrics
+                        .broker_connects
+                        .get_or_create(&crate::metrics::ResultLabels { result: "tls_failed" })
+                        .inc();
                 }
                 Err(_) => tracing::info!(%peer, "TLS handshake timed out"),
             }

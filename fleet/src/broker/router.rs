@@ -104,7 +104,9 @@ impl Router {
             let Some(handle) = state.clients.get(client) else { continue };
             match handle.deliveries.try_send(delivery.clone()) {
                 Ok(()) => queued += 1,
-                Err(_) => tracing::warn!(client, topic = %delivery.topic, "a client is not reading; message dropped"),
+                Err(_) => {
+                    tracing::warn!(client, topic = %delivery.topic, "a client is not reading; message dropped")
+                }
             }
         }
         queued
@@ -117,7 +119,14 @@ impl Router {
 }
 
 impl DeviceLink for Router {
-    fn publish(&self, device: &str, kind: TopicKind, payload: Bytes, retain: bool, correlation_data: Option<Bytes>) {
+    fn publish(
+        &self,
+        device: &str,
+        kind: TopicKind,
+        payload: Bytes,
+        retain: bool,
+        correlation_data: Option<Bytes>,
+    ) {
         let Some(topics) = DeviceTopics::new(device) else {
             tracing::warn!(device, "not publishing to an invalid device id");
             return;

@@ -53,7 +53,8 @@ pub fn acceptor(config: &BrokerTlsConfig) -> Result<TlsAcceptor, TlsError> {
                 roots.add(cert).map_err(|e| TlsError::Rustls(e.to_string()))?;
             }
             let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider);
-            let verifier = if auth == ClientAuth::Optional { verifier.allow_unauthenticated() } else { verifier };
+            let verifier =
+                if auth == ClientAuth::Optional { verifier.allow_unauthenticated() } else { verifier };
             builder.with_client_cert_verifier(verifier.build().map_err(|e| TlsError::Rustls(e.to_string()))?)
         }
     };

@@ -28,7 +28,8 @@ pub fn load_config(path: Option<&Path>) -> Result<FleetConfig, ConfigError> {
             default
         }
     };
-    let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Read { path: path.clone(), source })?;
+    let text =
+        std::fs::read_to_string(&path).map_err(|source| ConfigError::Read { path: path.clone(), source })?;
     parse_config(&text).map_err(|message| ConfigError::Parse { path, message })
 }
 
@@ -79,9 +80,9 @@ mod tests {
 
     #[test]
     fn the_example_configuration_parses_and_validates() {
-        let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../configs/fleet.toml"))
-            .expect("configs/fleet.toml");
-        let config = parse_config(&text).expect("configs/fleet.toml parses");
-        config.validate().expect("configs/fleet.toml is valid");
+        let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/fleet.example.toml"))
+            .expect("fleet/fleet.example.toml");
+        let config = parse_config(&text).expect("fleet.example.toml parses");
+        config.validate().expect("fleet.example.toml is valid");
     }
 }

@@ -19,6 +19,10 @@ pub use validate::ValidationError;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 pub struct FleetConfig {
+    /// The operator's devices file: device ids, their groups and their credentials for the
+    /// embedded broker (see docs/fleet.md). Reloaded when it changes.
+    #[serde(default)]
+    pub devices_file: Option<PathBuf>,
     /// Where telemetry and device state are kept.
     #[serde(default)]
     pub store: StoreConfig,
@@ -75,6 +79,10 @@ pub struct RetentionConfig {
     /// rolled up into hourly aggregates and then deleted. 0 keeps raw events forever.
     #[serde(default = "default_raw_days")]
     pub raw_days: u32,
+    /// Ids of rolled-up events are remembered this many days longer than the raw events, so a late
+    /// copy (a device that never got its acknowledgement) is still dropped as a duplicate.
+    #[serde(default = "default_dedup_days")]
+    pub dedup_days: u32,
     /// Hourly aggregates older than this many days are deleted. 0 keeps them forever.
     #[serde(default)]
     pub rollup_days: u32,
@@ -85,11 +93,19 @@ pub struct RetentionConfig {
 
 impl Default for RetentionConfig {
     fn default() -> Self {
-        Self { raw_days: default_raw_days(), rollup_days: 0, interval_secs: default_retention_interval_secs() }
+        Self {
+            raw_days: default_raw_days(),
+            dedup_days: default_dedup_days(),
+            rollup_days: 0,
+            interval_secs: default_retention_interval_secs(),
+        }
     }
 }
 
 const fn default_raw_days() -> u32 {
+    30
+}
+const fn default_dedup_days() -> u32 {
     30
 }
 const fn default_retention_interval_secs() -> u64 {
@@ -179,10 +195,6 @@ pub struct EmbeddedBrokerConfig {
     /// Certificates for `tls_listen`.
     #[serde(default)]
     pub tls: Option<BrokerTlsConfig>,
-    /// The operator's device list: ids, credentials and groups (see docs/fleet.md). Reloaded when
-    /// it changes.
-    #[serde(default)]
-    pub devices_file: Option<PathBuf>,
     /// Let clients in without credentials; the client id is then taken as the device id (the
     /// topic ACL still applies). For development only.
     #[serde(default)]
@@ -205,7 +217,6 @@ impl Default for EmbeddedBrokerConfig {
             listen: default_mqtt_listen(),
             tls_listen: None,
             tls: None,
-            devices_file: None,
             allow_anonymous: false,
             max_packet_bytes: default_max_packet_bytes(),
             receive_maximum: default_receive_maximum(),
@@ -282,9 +293,12 @@ pub struct ExternalBrokerConfig {
     /// Client private key (PEM) for mutual TLS.
     #[serde(default)]
     pub client_key_file: Option<PathBuf>,
-    /// Shared-subscription group: instances with the same group split the devices' messages
-    /// (`$share/GROUP/…`). Empty: a plain subscription (one instance receives everything).
-    #[serde(default = "default_shared_group")]
+    /// Shared-subscription group for running several fleet instances: instances with the same
+    /// group split the devices' messages (`$share/GROUP/…`). Empty (the default): a plain
+    /// subscription for a single instance. Brokers drop messages for a shared subscription while no
+    /// member of the group is connected (Mosquitto 2.0 also right after its own restart), so with a
+    /// group keep at least two instances running; see docs/fleet.md.
+    #[serde(default)]
     pub shared_group: String,
     /// How long the broker keeps this instance's session while it is down, seconds.
     #[serde(default = "default_session_expiry_secs")]
@@ -301,9 +315,6 @@ pub struct ExternalBrokerConfig {
 }
 
 fn default_client_id() -> String {
-    "tandem-fleet".into()
-}
-fn default_shared_group() -> String {
     "tandem-fleet".into()
 }
 const fn default_session_expiry_secs() -> u32 {

@@ -24,7 +24,8 @@ pub enum ValidationError {
     #[error("mqtt.embedded.tls.client_auth = \"{0}\" needs client_ca_file")]
     ClientCaMissing(&'static str),
     #[error(
-        "mqtt.embedded has neither a devices_file nor allow_anonymous = true: no device could connect"
+        "the embedded broker has neither a devices_file nor mqtt.embedded.allow_anonymous = true: no device \
+         could connect"
     )]
     NoDevices,
     #[error("mqtt.embedded.receive_maximum must be at least 1")]
@@ -40,7 +41,8 @@ impl FleetConfig {
     pub fn validate(&self) -> Result<(), Vec<ValidationError>> {
         let mut errors = Vec::new();
         let url = self.store.url.as_str();
-        if !(url.starts_with("sqlite:") || url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+        if !(url.starts_with("sqlite:") || url.starts_with("postgres://") || url.starts_with("postgresql://"))
+        {
             errors.push(ValidationError::StoreUrl(self.store.url.clone()));
         }
         if self.store.max_connections == 0 {
@@ -84,7 +86,7 @@ impl FleetConfig {
                         ClientAuth::Required => errors.push(ValidationError::ClientCaMissing("required")),
                     }
                 }
-                if broker.devices_file.is_none() && !broker.allow_anonymous {
+                if self.devices_file.is_none() && !broker.allow_anonymous {
                     errors.push(ValidationError::NoDevices);
                 }
                 if broker.receive_maximum == 0 {
@@ -96,17 +98,25 @@ impl FleetConfig {
             }
         }
         let gateway = &self.gateway;
-        for (field, policy) in [("device_budget", &gateway.device_budget), ("fleet_budget", &gateway.fleet_budget)] {
+        for (field, policy) in
+            [("device_budget", &gateway.device_budget), ("fleet_budget", &gateway.fleet_budget)]
+        {
             if let Err(error) = policy.validate() {
                 errors.push(ValidationError::Gateway { field, reason: error.to_string() });
             }
         }
         if gateway.max_in_flight == 0 {
-            errors.push(ValidationError::Gateway { field: "max_in_flight", reason: "must be at least 1".into() });
+            errors.push(ValidationError::Gateway {
+                field: "max_in_flight",
+                reason: "must be at least 1".into(),
+            });
         }
         for (i, upstream) in gateway.upstream.iter().enumerate() {
             if let Err(error) = tandemd::offload::completions_url(&upstream.url) {
-                errors.push(ValidationError::Gateway { field: "upstream", reason: format!("#{}: {error}", i + 1) });
+                errors.push(ValidationError::Gateway {
+                    field: "upstream",
+                    reason: format!("#{}: {error}", i + 1),
+                });
             }
         }
         if errors.is_empty() { Ok(()) } else { Err(errors) }

@@ -156,8 +156,15 @@ impl Gateway {
         }
         if request.v != PROTOCOL_VERSION {
             count("invalid");
-            let message = format!("protocol version {} is not served (this gateway speaks {PROTOCOL_VERSION})", request.v);
-            self.shared.reply(&arrival.device, request.request_id, OffloadOutcome::Error { message, retryable: false });
+            let message = format!(
+                "protocol version {} is not served (this gateway speaks {PROTOCOL_VERSION})",
+                request.v
+            );
+            self.shared.reply(
+                &arrival.device,
+                request.request_id,
+                OffloadOutcome::Error { message, retryable: false },
+            );
             return;
         }
         if is_expired(&request) {

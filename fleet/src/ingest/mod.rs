@@ -93,7 +93,12 @@ impl Ingest {
         let valid = match validate_telemetry(device, payload, self.max_message_bytes) {
             Ok(valid) => valid,
             Err(bad) => {
-                tracing::warn!(device, bytes = payload.len(), reason = bad.reason(), "refusing a telemetry message");
+                tracing::warn!(
+                    device,
+                    bytes = payload.len(),
+                    reason = bad.reason(),
+                    "refusing a telemetry message"
+                );
                 self.metrics.bad(bad.reason());
                 self.metrics.ingest_messages.get_or_create(&ResultLabels { result: "rejected" }).inc();
                 if let Some(ack) = ack {
@@ -147,10 +152,7 @@ impl Writer {
                     Ok(next) => Some(next),
                     Err(mpsc::error::TryRecvError::Disconnected) => None,
                     Err(mpsc::error::TryRecvError::Empty) => {
-                        match tokio::time::timeout_at(deadline, self.queued.recv()).await {
-                            Ok(next) => next,
-                            Err(_) => None,
-                        }
+                        tokio::time::timeout_at(deadline, self.queued.recv()).await.ok().flatten()
                     }
                 };
                 let Some(next) = next else { break };
@@ -194,7 +196,8 @@ impl Writer {
         };
         let now = now_ms();
         let total = events.len();
-        let new: Vec<TelemetryEvent> = events.into_iter().filter(|e| outcome.inserted.contains(&e.id)).collect();
+        let new: Vec<TelemetryEvent> =
+            events.into_iter().filter(|e| outcome.inserted.contains(&e.id)).collect();
         for event in &new {
             let lag_ms = now.saturating_sub(i64::try_from(event.at_ms).unwrap_or(i64::MAX)).max(0);
             self.metrics.ingest_lag_seconds.observe(lag_ms as f64 / 1000.0);
@@ -204,12 +207,16 @@ impl Writer {
             .ingest_events
             .get_or_create(&ResultLabels { result: "duplicate" })
             .inc_by((total - new.len()) as u64);
-        self.metrics.ingest_messages.get_or_create(&ResultLabels { result: "stored" }).inc_by(acks.len() as u64);
-        for ack in acks.into_iter().flatten() {
-            ack(Delivery::Stored);
-        }
+        self.metrics
+            .ingest_messages
+            .get_or_create(&ResultLabels { result: "stored" })
+            .inc_by(acks.len() as u64);
+        // Listeners first: once a device holds its PUBACK, the gateway already counts its answers.
         if !new.is_empty() {
             self.listener.stored(&new);
+        }
+        for ack in acks.into_iter().flatten() {
+            ack(Delivery::Stored);
         }
         true
     }

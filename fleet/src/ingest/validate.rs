@@ -183,7 +183,14 @@ mod tests {
         assert_eq!(valid.events, vec![good]);
         assert_eq!(
             valid.rejected,
-            vec![BadEvent::Device, BadEvent::Id, BadEvent::Value, BadEvent::Value, BadEvent::Value, BadEvent::ModelVersion]
+            vec![
+                BadEvent::Device,
+                BadEvent::Id,
+                BadEvent::Value,
+                BadEvent::Value,
+                BadEvent::Value,
+                BadEvent::ModelVersion
+            ]
         );
     }
 }

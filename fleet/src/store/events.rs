@@ -17,8 +17,9 @@ const EVENT_COLUMNS: &str = "id, device_id, model_version, at_ms, received_ms, r
      cloud_prompt_tokens, cloud_completion_tokens, cloud_latency_ms, cloud_latency_q, transport, \
      budget_cloud_share, budget_calls_available, error_class, prompt, local_answer, cloud_answer";
 const EVENT_COLUMN_COUNT: usize = 23;
-/// Rows per INSERT statement: 23 000 parameters, under both SQLite's and PostgreSQL's limits.
-const ROWS_PER_STATEMENT: usize = 1000;
+/// Rows per INSERT statement (11 500 parameters, under SQLite's and PostgreSQL's limits); larger
+/// statements are not faster.
+const ROWS_PER_STATEMENT: usize = 500;
 
 /// What a batch write did.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -86,12 +87,20 @@ impl Store {
         }
         // One row per id: PostgreSQL refuses to touch a row twice in one statement.
         let mut seen = HashSet::with_capacity(events.len());
-        let unique: Vec<&TelemetryEvent> = events.iter().filter(|e| seen.insert(e.id)).collect();
+        let mut unique: Vec<&TelemetryEvent> = events.iter().filter(|e| seen.insert(e.id)).collect();
+        // Events older than the roll-up watermark may be copies of events already rolled up.
+        let watermark = self.rollup_watermark().await?;
+        let late: Vec<String> =
+            unique.iter().filter(|e| to_i64(e.at_ms) < watermark).map(|e| e.id.to_string()).collect();
+        if !late.is_empty() {
+            let rolled_up = self.rolled_up_among(&late).await?;
+            unique.retain(|e| !rolled_up.contains(&e.id.to_string()));
+        }
         let mut tx = self.pool.begin().await?;
         for chunk in unique.chunks(ROWS_PER_STATEMENT) {
             let sql = format!(
                 "INSERT INTO events ({EVENT_COLUMNS}) VALUES {} ON CONFLICT (id) DO NOTHING RETURNING id",
-                values_placeholders(chunk.len(), EVENT_COLUMN_COUNT)
+                values_placeholders(self.backend, chunk.len(), EVENT_COLUMN_COUNT)
             );
             let mut query = sqlx::query(&sql);
             for e in chunk {
@@ -122,7 +131,8 @@ impl Store {
             }
             for row in query.fetch_all(&mut *tx).await? {
                 let id: String = row.try_get(0)?;
-                let id = Uuid::parse_str(&id).map_err(|e| StoreError::Corrupt(format!("event id {id}: {e}")))?;
+                let id =
+                    Uuid::parse_str(&id).map_err(|e| StoreError::Corrupt(format!("event id {id}: {e}")))?;
                 outcome.inserted.insert(id);
             }
         }
@@ -145,7 +155,7 @@ impl Store {
                      THEN excluded.model_at_ms ELSE devices.model_at_ms END, \
                  first_seen_ms = COALESCE(devices.first_seen_ms, excluded.first_seen_ms), \
                  last_seen_ms = excluded.last_seen_ms",
-                values_placeholders(chunk.len(), 5)
+                values_placeholders(self.backend, chunk.len(), 5)
             );
             let mut query = sqlx::query(&sql);
             for (device, (model, at_ms)) in chunk {
@@ -174,7 +184,7 @@ impl Store {
              CASE WHEN help_requested THEN 1 ELSE 0 END AS help, help_probability, \
              local_prompt_tokens, local_completion_tokens, local_latency_ms, cloud_prompt_tokens, \
              cloud_completion_tokens, cloud_latency_ms, transport, budget_cloud_share, \
-             budget_calls_available, error_class, prompt, local_answer, cloud_answer FROM events WHERE 1 = 1"
+             budget_calls_available, error_class, prompt, local_answer, cloud_answer FROM events WHERE 1 = 1",
         );
         let mut n = 0;
         let mut condition = |sql: &mut String, column: &str, op: &str| {
@@ -226,6 +236,25 @@ impl Store {
             None
         };
         Ok(EventPage { events, next_after })
+    }
+
+    /// Which of `ids` belong to events already rolled up.
+    async fn rolled_up_among(&self, ids: &[String]) -> Result<HashSet<String>, StoreError> {
+        let mut found = HashSet::new();
+        for chunk in ids.chunks(ROWS_PER_STATEMENT) {
+            let sql = format!(
+                "SELECT id FROM rolled_up_events WHERE id IN {}",
+                values_placeholders(self.backend, 1, chunk.len())
+            );
+            let mut query = sqlx::query(&sql);
+            for id in chunk {
+                query = query.bind(id.clone());
+            }
+            for row in query.fetch_all(&self.pool).await? {
+                found.insert(row.try_get::<String, _>(0)?);
+            }
+        }
+        Ok(found)
     }
 
     /// Number of stored raw events.

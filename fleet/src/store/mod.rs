@@ -21,7 +21,7 @@ pub use devices::{DeviceRow, DeviceStatusUpdate};
 pub use events::{EventFilter, EventPage, InsertOutcome, StoredEvent};
 pub use latency::{LatencyHistogram, Percentiles, quantize_latency};
 pub use retention::RetentionReport;
-pub use stats::{GroupBy, StatsQuery, StatsReport, StatsRow};
+pub use stats::{GroupBy, LatencyDistributions, StatsQuery, StatsReport, StatsRow};
 
 use crate::config::StoreConfig;
 
@@ -62,9 +62,8 @@ impl Store {
     pub async fn open(config: &StoreConfig) -> Result<Self, StoreError> {
         sqlx::any::install_default_drivers();
         let (url, backend) = connection_url(config)?;
-        let options: AnyConnectOptions = url
-            .parse()
-            .map_err(|source| StoreError::Connect { url: redact(&config.url), source })?;
+        let options: AnyConnectOptions =
+            url.parse().map_err(|source| StoreError::Connect { url: redact(&config.url), source })?;
         let mut pool_options = AnyPoolOptions::new()
             .max_connections(config.max_connections)
             .acquire_timeout(Duration::from_secs(30));
@@ -182,8 +181,10 @@ fn redact(url: &str) -> String {
     }
 }
 
-/// `($1, $2, …), (…)`: placeholders for `rows` rows of `columns` values.
-pub(crate) fn values_placeholders(rows: usize, columns: usize) -> String {
+/// Placeholders for `rows` rows of `columns` values: `($1, $2, …), (…)` for PostgreSQL, and
+/// anonymous `(?, ?, …)` for SQLite, whose parser looks every `$N` up in a list and so takes time
+/// quadratic in the number of parameters (3 s for a 23 000-value statement).
+pub(crate) fn values_placeholders(backend: Backend, rows: usize, columns: usize) -> String {
     let mut sql = String::with_capacity(rows * columns * 5);
     let mut n = 0;
     for row in 0..rows {
@@ -196,8 +197,13 @@ pub(crate) fn values_placeholders(rows: usize, columns: usize) -> String {
                 sql.push_str(", ");
             }
             n += 1;
-            sql.push('$');
-            sql.push_str(&n.to_string());
+            match backend {
+                Backend::Sqlite => sql.push('?'),
+                Backend::Postgres => {
+                    sql.push('$');
+                    sql.push_str(&n.to_string());
+                }
+            }
         }
         sql.push(')');
     }
@@ -217,12 +223,16 @@ mod tests {
 
     #[test]
     fn placeholders_number_every_value() {
-        assert_eq!(values_placeholders(2, 3), "($1, $2, $3), ($4, $5, $6)");
+        assert_eq!(values_placeholders(Backend::Postgres, 2, 3), "($1, $2, $3), ($4, $5, $6)");
+        assert_eq!(values_placeholders(Backend::Sqlite, 2, 2), "(?, ?), (?, ?)");
     }
 
     #[test]
     fn the_password_is_encoded_into_the_url_and_never_shown() {
-        assert_eq!(with_password("postgres://fleet@db:5432/t", "p@ss/w"), "postgres://fleet:p%40ss%2Fw@db:5432/t");
+        assert_eq!(
+            with_password("postgres://fleet@db:5432/t", "p@ss/w"),
+            "postgres://fleet:p%40ss%2Fw@db:5432/t"
+        );
         assert_eq!(redact("postgres://fleet:secret@db/t"), "postgres://fleet@db/t");
         assert_eq!(redact("sqlite://x.db"), "sqlite://x.db");
     }

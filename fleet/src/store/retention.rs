@@ -1,9 +1,11 @@
 //! Retention: raw events older than the horizon are first added to the hourly roll-ups and then
 //! deleted, one hour at a time, each hour in its own transaction, so the totals never change
-//! (nothing is counted twice or lost) and no transaction grows with the backlog.
+//! (nothing is counted twice or lost) and no transaction grows with the backlog. The ids of deleted
+//! events are kept for a while longer (`rolled_up_events`), so that a late copy of one (a device
+//! that never saw its PUBACK) is still dropped as a duplicate.
 
 use super::stats::{HOUR_MS, WATERMARK};
-use super::{Store, StoreError};
+use super::{Backend, Store, StoreError};
 
 /// What one retention run did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -41,6 +43,10 @@ const ROLL_UP_SUMS: &str = "INSERT INTO rollup_hourly (hour_ms, device_id, model
     cloud_completion_tokens = rollup_hourly.cloud_completion_tokens + excluded.cloud_completion_tokens, \
     budget_share_sum = rollup_hourly.budget_share_sum + excluded.budget_share_sum";
 
+const REMEMBER_IDS: &str = "INSERT INTO rolled_up_events (id, hour_ms) \
+    SELECT id, (at_ms / 3600000) * 3600000 FROM events WHERE at_ms >= $1 AND at_ms < $2 \
+    ON CONFLICT (id) DO NOTHING";
+
 fn roll_up_latency(kind: &str, column: &str, condition: &str) -> String {
     format!(
         "INSERT INTO rollup_latency_hourly (hour_ms, device_id, model_version, kind, latency_q, n) \
@@ -54,10 +60,12 @@ fn roll_up_latency(kind: &str, column: &str, condition: &str) -> String {
 
 impl Store {
     /// Rolls up and deletes raw events with `at_ms` before `raw_cutoff_ms` (rounded down to the
-    /// hour), then deletes roll-ups before `rollup_cutoff_ms` when given.
+    /// hour), forgets the ids of rolled-up events of hours before `dedup_cutoff_ms`, then deletes
+    /// roll-ups before `rollup_cutoff_ms` when given.
     pub async fn apply_retention(
         &self,
         raw_cutoff_ms: i64,
+        dedup_cutoff_ms: i64,
         rollup_cutoff_ms: Option<i64>,
     ) -> Result<RetentionReport, StoreError> {
         let mut report = RetentionReport::default();
@@ -73,7 +81,12 @@ impl Store {
             let hour = oldest.div_euclid(HOUR_MS) * HOUR_MS;
             let end = (hour + HOUR_MS).min(cutoff);
             let mut tx = self.pool.begin().await?;
-            for sql in [ROLL_UP_SUMS, local.as_str(), cloud.as_str()] {
+            if self.backend == Backend::Postgres {
+                // Every statement below must see the same rows: an event committed meanwhile is
+                // neither rolled up nor deleted (it waits for the next run).
+                sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ").execute(&mut *tx).await?;
+            }
+            for sql in [ROLL_UP_SUMS, local.as_str(), cloud.as_str(), REMEMBER_IDS] {
                 sqlx::query(sql).bind(hour).bind(end).execute(&mut *tx).await?;
             }
             let deleted = sqlx::query("DELETE FROM events WHERE at_ms >= $1 AND at_ms < $2")
@@ -84,6 +97,10 @@ impl Store {
             tx.commit().await?;
             report.events_rolled_up += deleted.rows_affected();
         }
+        sqlx::query("DELETE FROM rolled_up_events WHERE hour_ms < $1")
+            .bind(dedup_cutoff_ms.div_euclid(HOUR_MS) * HOUR_MS)
+            .execute(&self.pool)
+            .await?;
         sqlx::query(
             "INSERT INTO fleet_meta (name, value) VALUES ($1, $2) ON CONFLICT (name) DO UPDATE SET \
              value = CASE WHEN excluded.value > fleet_meta.value THEN excluded.value ELSE fleet_meta.value END",

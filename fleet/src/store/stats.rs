@@ -179,9 +179,24 @@ const ROLLUP_LATENCY_TABLE: &str = "rollup_latency_hourly t";
 
 type Key = (i64, String);
 
+/// The latency distributions of everything a query covered.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct LatencyDistributions {
+    pub local: LatencyHistogram,
+    pub cloud: LatencyHistogram,
+}
+
 impl Store {
     /// Runs `query`.
     pub async fn stats(&self, query: &StatsQuery) -> Result<StatsReport, StoreError> {
+        Ok(self.stats_with_distributions(query).await?.0)
+    }
+
+    /// Runs `query`, and also returns the latency histograms of its totals.
+    pub async fn stats_with_distributions(
+        &self,
+        query: &StatsQuery,
+    ) -> Result<(StatsReport, LatencyDistributions), StoreError> {
         let bucket = query.bucket_ms.filter(|b| *b > 0).unwrap_or(i64::MAX);
         let watermark = self.rollup_watermark().await?;
         let mut groups: BTreeMap<Key, Accumulator> = BTreeMap::new();
@@ -190,7 +205,8 @@ impl Store {
         if query.from_ms < watermark {
             let from = query.from_ms.div_euclid(HOUR_MS) * HOUR_MS;
             let to = query.to_ms.min(watermark);
-            self.accumulate(&ROLLUP, Some(ROLLUP_LATENCY_TABLE), query, bucket, from, to, &mut groups).await?;
+            self.accumulate(&ROLLUP, Some(ROLLUP_LATENCY_TABLE), query, bucket, from, to, &mut groups)
+                .await?;
         }
 
         let mut totals = Accumulator::default();
@@ -202,14 +218,15 @@ impl Store {
                 acc.row(start, key)
             })
             .collect();
-        Ok(StatsReport {
+        let report = StatsReport {
             from_ms: query.from_ms,
             to_ms: query.to_ms,
             bucket_ms: query.bucket_ms,
             group_by: query.group_by,
             rows,
             totals: totals.row(query.from_ms, "all".into()),
-        })
+        };
+        Ok((report, LatencyDistributions { local: totals.local, cloud: totals.cloud }))
     }
 
     /// The time before which raw events have been rolled up (0: never).

@@ -42,7 +42,10 @@ impl TestPostgres {
             socket = path_str(cluster.dir.path())
         );
         let log = cluster.dir.path().join("postgres.log");
-        cluster.run("pg_ctl", &["-D", path_str(&data), "-o", &options, "-l", path_str(&log), "-w", "-t", "60", "start"]);
+        cluster.run(
+            "pg_ctl",
+            &["-D", path_str(&data), "-o", &options, "-l", path_str(&log), "-w", "-t", "60", "start"],
+        );
         cluster
     }
 

@@ -95,9 +95,17 @@ mod tests {
             Group {
                 problem: 0,
                 prompt: vec![10, 11],
-                samples: vec![sample(&[5, 6, 2], 2.2, false), sample(&[7, 3], 0.5, true), sample(&[8, 2], 0.0, false)],
+                samples: vec![
+                    sample(&[5, 6, 2], 2.2, false),
+                    sample(&[7, 3], 0.5, true),
+                    sample(&[8, 2], 0.0, false),
+                ],
             },
-            Group { problem: 1, prompt: vec![12], samples: vec![sample(&[3], 0.5, true), sample(&[3], 0.5, true), sample(&[3], 0.5, true)] },
+            Group {
+                problem: 1,
+                prompt: vec![12],
+                samples: vec![sample(&[3], 0.5, true), sample(&[3], 0.5, true), sample(&[3], 0.5, true)],
+            },
         ]
     }
 

@@ -131,6 +131,11 @@ pub struct Prediction {
     pub fallback_tokens: Option<Vec<u32>>,
     /// The final answer is correct.
     pub correct: bool,
+    /// Whether the device's own answer (its response, or after a help request the answer with the
+    /// tag banned) is correct, when it was computed.
+    pub local_correct: Option<bool>,
+    /// Whether the cloud's answer is correct, when the cloud was asked.
+    pub cloud_correct: Option<bool>,
 }
 
 /// Random offloading at the policy's call ratio.
@@ -285,6 +290,8 @@ pub fn evaluate(
             admitted: admitted[i],
             fallback_tokens: if admitted[i] { None } else { fallbacks[i].clone() },
             correct,
+            local_correct: local_correct[i],
+            cloud_correct: cloud_correct[i],
         });
     }
     let ratio = |a: usize, b: usize| if b == 0 { 0.0 } else { a as f64 / b as f64 };

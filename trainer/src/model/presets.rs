@@ -10,6 +10,9 @@ pub enum Preset {
     TinyQwen2,
     /// Llama family, untied head, no biases; 2 layers, hidden 64, vocab 512.
     TinyLlama,
+    /// Qwen2 family, tied head; 4 layers, hidden 128, vocab 1024 (about 1 M weights): the policy of
+    /// the CPU training experiment.
+    SmallQwen2,
     /// The shapes of Qwen2.5-0.5B (24 layers, hidden 896, vocab 151936), random weights.
     Qwen2_5_0_5b,
 }
@@ -37,6 +40,16 @@ impl Preset {
         match self {
             Preset::TinyQwen2 => tiny(ModelFamily::Qwen2, true),
             Preset::TinyLlama => tiny(ModelFamily::Llama, false),
+            Preset::SmallQwen2 => ModelConfig {
+                hidden_size: 128,
+                intermediate_size: 384,
+                num_hidden_layers: 4,
+                num_attention_heads: 4,
+                num_key_value_heads: 2,
+                head_dim: 32,
+                vocab_size: 1024,
+                ..tiny(ModelFamily::Qwen2, true)
+            },
             Preset::Qwen2_5_0_5b => ModelConfig {
                 model_type: ModelFamily::Qwen2,
                 vocab_size: 151_936,

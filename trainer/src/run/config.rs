@@ -461,10 +461,10 @@ impl RunConfig {
             return invalid(format!("run.device {:?} is not cpu, cuda or cuda:N", self.run.device));
         }
         self.finetune_mode()?;
-        if let Some(lora) = &self.finetune.lora {
-            if lora.rank == 0 || !(lora.alpha > 0.0) || lora.targets.is_empty() {
-                return invalid("finetune.lora needs rank ≥ 1, alpha > 0 and at least one target".into());
-            }
+        if let Some(lora) = &self.finetune.lora
+            && (lora.rank == 0 || lora.alpha.is_nan() || lora.alpha <= 0.0 || lora.targets.is_empty())
+        {
+            return invalid("finetune.lora needs rank ≥ 1, alpha > 0 and at least one target".into());
         }
         let weights = self.task.weights();
         let weights_ok = if self.task.allow_cloud_not_cheaper {
@@ -482,7 +482,8 @@ impl RunConfig {
         if !(o.lr > 0.0 && o.lr.is_finite()) {
             return invalid(format!("optimizer.lr must be a positive number (got {})", o.lr));
         }
-        if !(0.0..1.0).contains(&o.beta1) || !(0.0..1.0).contains(&o.beta2) || !(o.eps > 0.0) {
+        if !(0.0..1.0).contains(&o.beta1) || !(0.0..1.0).contains(&o.beta2) || o.eps.is_nan() || o.eps <= 0.0
+        {
             return invalid("optimizer: need 0 ≤ beta1, beta2 < 1 and eps > 0".into());
         }
         if o.weight_decay < 0.0 || o.max_grad_norm < 0.0 || o.micro_batch_rows == 0 {
@@ -490,10 +491,10 @@ impl RunConfig {
                 "optimizer: weight_decay and max_grad_norm must be ≥ 0, micro_batch_rows ≥ 1".into(),
             );
         }
-        if let LrSchedule::WarmupCosine { min_ratio, .. } = o.schedule {
-            if !(0.0..=1.0).contains(&min_ratio) {
-                return invalid(format!("optimizer.schedule.min_ratio must be in [0, 1] (got {min_ratio})"));
-            }
+        if let LrSchedule::WarmupCosine { min_ratio, .. } = o.schedule
+            && !(0.0..=1.0).contains(&min_ratio)
+        {
+            return invalid(format!("optimizer.schedule.min_ratio must be in [0, 1] (got {min_ratio})"));
         }
         let a = &self.algorithm;
         if a.kind == AlgorithmKind::Sft {
@@ -534,7 +535,12 @@ impl RunConfig {
             if !(a.clip_epsilon > 0.0 && a.clip_epsilon < 1.0) {
                 return invalid(format!("algorithm.clip_epsilon must be in (0, 1) (got {})", a.clip_epsilon));
             }
-            if a.kl_beta < 0.0 || a.updates_per_batch == 0 || !(a.std_eps >= 0.0) {
+            if a.kl_beta.is_nan()
+                || a.kl_beta < 0.0
+                || a.updates_per_batch == 0
+                || a.std_eps.is_nan()
+                || a.std_eps < 0.0
+            {
                 return invalid("algorithm: kl_beta ≥ 0, std_eps ≥ 0 and updates_per_batch ≥ 1".into());
             }
             if a.kind == AlgorithmKind::Gapg && (a.kl_beta != 0.0 || a.updates_per_batch != 1) {

@@ -239,10 +239,10 @@ impl Trainer {
             None
         };
         let fingerprint = fingerprint(&config);
-        if let Some(restored) = &restored {
-            if restored.state.config_fingerprint != fingerprint {
-                return Err(RunError::ConfigChanged);
-            }
+        if let Some(restored) = &restored
+            && restored.state.config_fingerprint != fingerprint
+        {
+            return Err(RunError::ConfigChanged);
         }
         let config_copy = out_dir.join("config.json");
         std::fs::write(
@@ -381,12 +381,16 @@ impl Trainer {
             progress.step(&metrics);
             self.metrics.append(MetricsRecord::Train(metrics))?;
             let eval_every = self.config.run.eval_every;
-            if eval_every > 0 && self.step % eval_every == 0 && self.step < total && !self.test.is_empty() {
+            if eval_every > 0
+                && self.step.is_multiple_of(eval_every)
+                && self.step < total
+                && !self.test.is_empty()
+            {
                 let report = self.evaluate()?;
                 progress.println(format!("step {}: {}", self.step, describe_eval(&report)));
                 self.metrics.append(MetricsRecord::Eval(EvalMetrics::from_report(self.step, &report)))?;
             }
-            if self.step % self.config.run.checkpoint_every == 0 || self.step == total {
+            if self.step.is_multiple_of(self.config.run.checkpoint_every) || self.step == total {
                 self.save_checkpoint()?;
             }
             self.check_collapse()?;

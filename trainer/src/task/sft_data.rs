@@ -2,16 +2,20 @@
 //!
 //! For Countdown the completions are worked solutions written from core's exhaustive solver, in
 //! Template I's format (`<think>` with one line per operation, then the expression in `<answer>`).
-//! A configurable share of the examples instead ends with the help marker, on problems picked at
-//! random: the warm-started policy knows the marker exists (as an instruction-tuned model does) but
-//! has not learnt *when* to use it; that is what RL with the collaboration-aware reward teaches.
+//! A configurable share of the examples instead shows a failed attempt (random operations that miss
+//! the target) and ends with the help marker, on problems picked at random. So the warm-started
+//! policy reasons first and decides at the end, between `<answer>` and the marker, as the paper's
+//! policy does; it knows the marker exists (as an instruction-tuned model does) but has not learnt
+//! *when* to use it: that is what RL with the collaboration-aware reward teaches.
 
 use std::io::{BufRead, Write};
 
 use rand::Rng;
+use rand::seq::SliceRandom;
 use serde::{Deserialize, Serialize};
 use tandem_core::help_marker::HELP_MARKER;
-use tandem_core::tasks::countdown::{CountdownProblem, solve_expr};
+use tandem_core::tasks::countdown::{CountdownProblem, Expr, Operator, solve_expr};
+use tandem_core::tasks::rational::Rational;
 use tandem_core::tasks::templates::{ANSWER_CLOSE, ANSWER_OPEN, THINK_CLOSE, THINK_OPEN};
 
 /// One supervised example: the bare question (the run's template wraps it) and the response.
@@ -42,15 +46,31 @@ pub fn countdown_worked_solution(problem: &CountdownProblem) -> Option<String> {
     Some(format!("{THINK_OPEN}\n{}\n{THINK_CLOSE}\n{ANSWER_OPEN} {expr} {ANSWER_CLOSE}", steps.join("\n")))
 }
 
-/// A response that gives up and asks for help, in Template I's format.
-pub fn countdown_help_completion() -> String {
-    format!(
-        "{THINK_OPEN}\nI cannot find a combination that reaches the target.\n{THINK_CLOSE}\n{HELP_MARKER}"
-    )
+/// A response that tries random operations, misses the target and asks for help, in Template I's
+/// format.
+pub fn countdown_help_completion(problem: &CountdownProblem, rng: &mut impl Rng) -> String {
+    let attempt = (0..20).find_map(|_| failed_attempt(problem, rng)).unwrap_or_default();
+    let lines =
+        if attempt.is_empty() { "I cannot reach the target.".to_string() } else { attempt.join("\n") };
+    format!("{THINK_OPEN}\n{lines}\n{THINK_CLOSE}\n{HELP_MARKER}")
+}
+
+/// The steps of a random `+ − ×` combination of all the numbers, when its value is not the target.
+fn failed_attempt(problem: &CountdownProblem, rng: &mut impl Rng) -> Option<Vec<String>> {
+    let mut numbers = problem.numbers.clone();
+    numbers.shuffle(rng);
+    let mut numbers = numbers.into_iter();
+    let mut expr = Expr::Number(numbers.next()?);
+    for n in numbers {
+        let op = [Operator::Add, Operator::Subtract, Operator::Multiply][rng.random_range(0..3)];
+        expr = Expr::apply(op, expr, Expr::Number(n));
+    }
+    let value = expr.value().ok()?;
+    (value != Rational::from(problem.target)).then(|| expr.steps()).flatten()
 }
 
 /// Examples for `problems`: worked solutions, except a `help_fraction` share (chosen at random)
-/// that ask for help.
+/// that ask for help after a failed attempt.
 pub fn countdown_examples(
     problems: &[CountdownProblem],
     help_fraction: f64,
@@ -60,7 +80,7 @@ pub fn countdown_examples(
         .iter()
         .filter_map(|problem| {
             let completion = if rng.random::<f64>() < help_fraction {
-                countdown_help_completion()
+                countdown_help_completion(problem, rng)
             } else {
                 countdown_worked_solution(problem)?
             };
@@ -116,8 +136,15 @@ mod tests {
         let problems = CountdownGenerator::new(GeneratorConfig::default(), 4).unwrap().distinct(200).unwrap();
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
         let examples = countdown_examples(&problems, 0.25, &mut rng);
-        let help = examples.iter().filter(|e| HelpMarker::find_in(&e.completion).is_some()).count();
-        assert!((30..=70).contains(&help), "{help} of 200 ask for help");
+        let help: Vec<&SftExample> =
+            examples.iter().filter(|e| HelpMarker::find_in(&e.completion).is_some()).collect();
+        assert!((30..=70).contains(&help.len()), "{} of 200 ask for help", help.len());
+        for example in help {
+            let problem = problems.iter().find(|p| p.question() == example.prompt).unwrap();
+            assert!(!verify_response(problem, &example.completion).is_correct());
+            assert!(example.completion.contains(" = "), "a failed attempt is shown: {}", example.completion);
+            assert!(example.completion.ends_with(HELP_MARKER));
+        }
         let mut out = Vec::new();
         write_examples(&mut out, &examples).unwrap();
         assert_eq!(read_examples(out.as_slice()).unwrap(), examples);

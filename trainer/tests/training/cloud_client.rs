@@ -1,11 +1,11 @@
 //! The OpenAI-compatible client against the solver cloud served over HTTP: answers arrive, are
 //! graded correct, and each question crosses the network once per run (the cache persists).
 
+use tandem_core::tasks::grading::grade_countdown;
 use tandem_train::cloud::cache::CloudCache;
 use tandem_train::cloud::client::{HttpCloud, HttpCloudConfig};
 use tandem_train::cloud::solver::{SOLVER_MODEL, SolverOptions, SolverServer};
 use tandem_train::cloud::{CachedCloud, CloudOracle, CloudTransport};
-use tandem_core::tasks::grading::grade_countdown;
 
 use crate::support::problems;
 

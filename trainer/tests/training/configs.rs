@@ -34,9 +34,23 @@ fn values_that_cannot_work_are_refused_with_the_reason() {
     config.rollout.as_mut().unwrap().group_size = 1;
     assert!(config.validate().unwrap_err().to_string().contains("group_size"));
     let mut config = RunConfig::parse(&text).unwrap();
-    config.task.reward = Some(tandem_core::tasks::reward::RewardWeights { alpha_a: 0.25, alpha_c: 1.0, alpha_f: 0.0 });
+    config.task.reward =
+        Some(tandem_core::tasks::reward::RewardWeights { alpha_a: 0.25, alpha_c: 1.0, alpha_f: 0.0 });
     assert!(config.validate().unwrap_err().to_string().contains("alpha_a"));
     let mut config = RunConfig::parse(&text).unwrap();
     config.cloud = None;
     assert!(config.validate().unwrap_err().to_string().contains("cloud"));
+}
+
+#[test]
+fn the_cpu_experiment_configs_parse_and_validate() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../docs/results/countdown-cpu/configs");
+    let mut names = Vec::new();
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        RunConfig::load(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        names.push(path.file_name().unwrap().to_string_lossy().into_owned());
+    }
+    names.sort();
+    assert_eq!(names, ["gapg.toml", "grpo.toml", "sft.toml"]);
 }

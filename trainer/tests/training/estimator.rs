@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor};
+use tandem_core::tasks::reward::Outcome;
 use tandem_train::algorithms::AlgorithmKind;
 use tandem_train::algorithms::group::{Group, Sample};
 use tandem_train::algorithms::loss::weighted_logprob_loss;
@@ -14,7 +15,6 @@ use tandem_train::finetune::{FinetuneMode, Policy};
 use tandem_train::model::presets::Preset;
 use tandem_train::model::{HfCheckpoint, Mode, token_logprobs};
 use tandem_train::rollout::Finish;
-use tandem_core::tasks::reward::Outcome;
 
 use crate::support::tiny_model;
 
@@ -23,7 +23,12 @@ fn sample(tokens: &[u32], reward: f64, help: bool) -> Sample {
         tokens: tokens.to_vec(),
         logprobs: vec![0.0; tokens.len()],
         finish: if help { Finish::Help } else { Finish::Eos },
-        outcome: Outcome { asked_for_help: help, cloud_correct: help && reward > 0.0, local_correct: reward > 1.0, ..Outcome::default() },
+        outcome: Outcome {
+            asked_for_help: help,
+            cloud_correct: help && reward > 0.0,
+            local_correct: reward > 1.0,
+            ..Outcome::default()
+        },
         reward,
     }
 }
@@ -32,18 +37,32 @@ fn sample(tokens: &[u32], reward: f64, help: bool) -> Sample {
 fn the_packed_gapg_loss_has_the_gradient_of_the_summed_device_logprobs() {
     let dir = tempfile::tempdir().unwrap();
     tiny_model(dir.path(), Preset::TinyQwen2, 9);
-    let policy = Policy::from_checkpoint(&HfCheckpoint::open(dir.path()).unwrap(), &FinetuneMode::Full, 0, &Device::Cpu).unwrap();
+    let policy = Policy::from_checkpoint(
+        &HfCheckpoint::open(dir.path()).unwrap(),
+        &FinetuneMode::Full,
+        0,
+        &Device::Cpu,
+    )
+    .unwrap();
     // Two prompts of different lengths; a correct answer, a help call (ends with tag id 3), a wrong one.
     let groups = vec![
         Group {
             problem: 0,
             prompt: vec![40, 41, 42, 43, 44],
-            samples: vec![sample(&[50, 51, 52, 2], 2.2, false), sample(&[53, 3], 0.5, true), sample(&[54, 55, 2], 0.0, false)],
+            samples: vec![
+                sample(&[50, 51, 52, 2], 2.2, false),
+                sample(&[53, 3], 0.5, true),
+                sample(&[54, 55, 2], 0.0, false),
+            ],
         },
         Group {
             problem: 1,
             prompt: vec![60, 61],
-            samples: vec![sample(&[62, 3], 0.5, true), sample(&[63, 64, 65, 66, 2], 0.2, false), sample(&[3], 0.0, true)],
+            samples: vec![
+                sample(&[62, 3], 0.5, true),
+                sample(&[63, 64, 65, 66, 2], 0.2, false),
+                sample(&[3], 0.0, true),
+            ],
         },
     ];
     let rows = update_rows(AlgorithmKind::Gapg, &groups, &[0, 1], 0.0, 0.0);
@@ -51,7 +70,8 @@ fn the_packed_gapg_loss_has_the_gradient_of_the_summed_device_logprobs() {
     assert_eq!(rows[1].tokens, [53, 3], "a help-calling row holds the device's tokens only");
 
     // Packed and batched, as the trainer does it.
-    let pairs: Vec<(&[u32], &[u32])> = rows.iter().map(|r| (r.prompt.as_slice(), r.tokens.as_slice())).collect();
+    let pairs: Vec<(&[u32], &[u32])> =
+        rows.iter().map(|r| (r.prompt.as_slice(), r.tokens.as_slice())).collect();
     let packed = pack(&pairs, &Device::Cpu).unwrap();
     let lp = response_logprobs(&policy.decoder, &packed, Mode::Train, 1.0).unwrap();
     let scales: Vec<f64> = rows.iter().map(|r| r.scale).collect();
@@ -72,7 +92,10 @@ fn the_packed_gapg_loss_has_the_gradient_of_the_summed_device_logprobs() {
         let all = token_logprobs(&logits, &targets).unwrap();
         let device_part = all.narrow(1, row.prompt.len() - 1, row.tokens.len()).unwrap().sum_all().unwrap();
         let term = (device_part * -row.scale).unwrap();
-        by_hand = Some(match by_hand { Some(total) => (total + term).unwrap(), None => term });
+        by_hand = Some(match by_hand {
+            Some(total) => (total + term).unwrap(),
+            None => term,
+        });
     }
     let by_hand = by_hand.unwrap().backward().unwrap();
 

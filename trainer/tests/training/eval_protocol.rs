@@ -6,6 +6,7 @@
 use std::collections::HashMap;
 
 use tandem_core::tasks::countdown::solve;
+use tandem_core::tasks::dataset::TaskRecord;
 use tandem_core::tasks::templates::PromptTemplate;
 use tandem_train::chat_format::ChatFormat;
 use tandem_train::cloud::CachedCloud;
@@ -14,7 +15,6 @@ use tandem_train::cloud::solver::SolverCloud;
 use tandem_train::eval::{EvalError, EvalSettings, GreedyGenerator, evaluate};
 use tandem_train::model::presets::Preset;
 use tandem_train::task::{Problem, TaskKind};
-use tandem_core::tasks::dataset::TaskRecord;
 
 use crate::support::{format, problems, tiny_model};
 
@@ -25,12 +25,18 @@ struct Scripted {
 }
 
 impl GreedyGenerator for Scripted {
-    fn generate(&mut self, prompts: &[Vec<u32>], max_new_tokens: usize, banned: &[u32]) -> Result<Vec<Vec<u32>>, EvalError> {
+    fn generate(
+        &mut self,
+        prompts: &[Vec<u32>],
+        max_new_tokens: usize,
+        banned: &[u32],
+    ) -> Result<Vec<Vec<u32>>, EvalError> {
         self.calls.push((prompts.len(), max_new_tokens, banned.to_vec()));
         Ok(prompts
             .iter()
             .map(|p| {
-                let out = self.responses.get(p).unwrap_or_else(|| panic!("unscripted prompt of {} ids", p.len()));
+                let out =
+                    self.responses.get(p).unwrap_or_else(|| panic!("unscripted prompt of {} ids", p.len()));
                 assert!(!out.iter().any(|t| banned.contains(t)), "a banned id was scripted");
                 out.clone()
             })
@@ -56,7 +62,12 @@ fn help_calls_are_capped_in_arrival_order_and_the_rest_answered_on_the_device() 
         }
         ids
     };
-    let correct = |i: usize| format!("<think>ok</think>\n<answer> {} </answer>", solve(problems[i].countdown.as_ref().unwrap()).unwrap());
+    let correct = |i: usize| {
+        format!(
+            "<think>ok</think>\n<answer> {} </answer>",
+            solve(problems[i].countdown.as_ref().unwrap()).unwrap()
+        )
+    };
     let wrong = "<think>guess</think>\n<answer> 1 + 1 </answer>".to_string();
     let help_prefix = "<think>no idea</think>\n";
     // Problem i: 'c' correct, 'w' wrong, 'h' help; for help, the device's answer with the tag banned.
@@ -88,8 +99,11 @@ fn help_calls_are_capped_in_arrival_order_and_the_rest_answered_on_the_device() 
     let mut generator = Scripted { responses, calls: Vec::new() };
     let cache = CloudCache::open(&dir.path().join("cache.jsonl")).unwrap();
     let mut cloud = CachedCloud::new(SolverCloud::default(), cache);
-    let settings = EvalSettings { call_cap: 0.3, max_new_tokens: 64, batch_size: 4, baselines: true, seed: 7 };
-    let report = evaluate(&mut generator, &format, TaskKind::Countdown, template, &problems, &mut cloud, &settings).unwrap();
+    let settings =
+        EvalSettings { call_cap: 0.3, max_new_tokens: 64, batch_size: 4, baselines: true, seed: 7 };
+    let report =
+        evaluate(&mut generator, &format, TaskKind::Countdown, template, &problems, &mut cloud, &settings)
+            .unwrap();
 
     let admitted: Vec<usize> = (0..10).filter(|&i| report.predictions[i].admitted).collect();
     assert_eq!(admitted, [1, 2, 4], "the first three requests, in test-set order");
@@ -112,7 +126,9 @@ fn help_calls_are_capped_in_arrival_order_and_the_rest_answered_on_the_device() 
     let fallback = generator.calls.last().unwrap();
     assert_eq!(fallback.2, [format.help_token().unwrap()]);
     assert_eq!(fallback.1, 64 - kept);
-    assert!(report.predictions[5].fallback_tokens.is_some() && report.predictions[1].fallback_tokens.is_none());
+    assert!(
+        report.predictions[5].fallback_tokens.is_some() && report.predictions[1].fallback_tokens.is_none()
+    );
 }
 
 #[test]
@@ -131,9 +147,13 @@ fn without_the_help_option_nothing_is_offloaded_and_the_tag_is_banned() {
         responses.insert(prompt, format.encode("<think>x</think><answer> 1 </answer>").unwrap());
     }
     let mut generator = Scripted { responses, calls: Vec::new() };
-    let mut cloud = CachedCloud::new(SolverCloud::default(), CloudCache::open(&dir.path().join("c.jsonl")).unwrap());
-    let settings = EvalSettings { call_cap: 0.3, max_new_tokens: 16, batch_size: 8, baselines: false, seed: 0 };
-    let report = evaluate(&mut generator, &format, TaskKind::Countdown, template, &problems, &mut cloud, &settings).unwrap();
+    let mut cloud =
+        CachedCloud::new(SolverCloud::default(), CloudCache::open(&dir.path().join("c.jsonl")).unwrap());
+    let settings =
+        EvalSettings { call_cap: 0.3, max_new_tokens: 16, batch_size: 8, baselines: false, seed: 0 };
+    let report =
+        evaluate(&mut generator, &format, TaskKind::Countdown, template, &problems, &mut cloud, &settings)
+            .unwrap();
     assert_eq!((report.cloud_calls, report.help_requests), (0, 0));
     assert_eq!(generator.calls[0].2, [format.help_token().unwrap()]);
     assert_eq!(report.overall_accuracy, 0.0);

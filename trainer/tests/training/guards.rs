@@ -48,6 +48,9 @@ lr = 1e-3
     let err = Trainer::prepare(config, false).unwrap().run(false).unwrap_err();
     assert!(matches!(err, RunError::NonFinite { step: 1, what: "loss", .. }), "{err}");
     let message = err.to_string();
-    assert!(message.contains("not applied") && message.contains("No checkpoint was written yet"), "{message}");
+    assert!(
+        message.contains("not applied") && message.contains("No checkpoint was written yet"),
+        "{message}"
+    );
     assert!(!dir.path().join("run/checkpoints").exists());
 }

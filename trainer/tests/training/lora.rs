@@ -10,7 +10,12 @@ use tandem_train::model::{Decoder, HfCheckpoint, LoraTarget, Mode};
 use crate::support::tiny_model;
 
 fn settings(train_final_norm: bool) -> FinetuneMode {
-    FinetuneMode::Lora(LoraSettings { rank: 4, alpha: 8.0, targets: LoraTarget::ALL.to_vec(), train_final_norm })
+    FinetuneMode::Lora(LoraSettings {
+        rank: 4,
+        alpha: 8.0,
+        targets: LoraTarget::ALL.to_vec(),
+        train_final_norm,
+    })
 }
 
 fn ids() -> Tensor {
@@ -25,8 +30,11 @@ fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
 fn fresh_adapters_leave_the_model_unchanged() {
     let dir = tempfile::tempdir().unwrap();
     let model = tiny_model(dir.path(), Preset::TinyQwen2, 21);
-    let policy = Policy::from_checkpoint(&HfCheckpoint::open(dir.path()).unwrap(), &settings(true), 1, &Device::Cpu).unwrap();
-    let diff = max_diff(&policy.decoder.full_logits(&ids()).unwrap(), &model.decoder.full_logits(&ids()).unwrap());
+    let policy =
+        Policy::from_checkpoint(&HfCheckpoint::open(dir.path()).unwrap(), &settings(true), 1, &Device::Cpu)
+            .unwrap();
+    let diff =
+        max_diff(&policy.decoder.full_logits(&ids()).unwrap(), &model.decoder.full_logits(&ids()).unwrap());
     assert!(diff < 1e-6, "B = 0 must make the adapters a no-op, diff {diff}");
 }
 
@@ -35,8 +43,13 @@ fn merged_lora_weights_reproduce_the_adapted_logits() {
     for preset in [Preset::TinyQwen2, Preset::TinyLlama] {
         let dir = tempfile::tempdir().unwrap();
         tiny_model(dir.path(), preset, 22);
-        let policy =
-            Policy::from_checkpoint(&HfCheckpoint::open(dir.path()).unwrap(), &settings(true), 2, &Device::Cpu).unwrap();
+        let policy = Policy::from_checkpoint(
+            &HfCheckpoint::open(dir.path()).unwrap(),
+            &settings(true),
+            2,
+            &Device::Cpu,
+        )
+        .unwrap();
         // Trained-looking adapters: B away from zero, the norm away from one.
         for (i, (name, var)) in policy.trainable_vars().into_iter().enumerate() {
             let noise = (Tensor::randn(0f32, 1.0, var.shape(), &Device::Cpu).unwrap() * 0.05).unwrap();
@@ -55,13 +68,18 @@ fn merged_lora_weights_reproduce_the_adapted_logits() {
         let diff = max_diff(&adapted, &merged.full_logits(&ids()).unwrap());
         assert!(diff < 1e-5, "{preset:?}: merged vs adapted max |diff| {diff}");
         let base = HfCheckpoint::open(dir.path()).unwrap();
-        let original = Decoder::load(&base.config, base.weights(DType::F32, &Device::Cpu).unwrap(), 0.0).unwrap();
-        assert!(max_diff(&adapted, &original.full_logits(&ids()).unwrap()) > 1e-3, "the adapters changed something");
+        let original =
+            Decoder::load(&base.config, base.weights(DType::F32, &Device::Cpu).unwrap(), 0.0).unwrap();
+        assert!(
+            max_diff(&adapted, &original.full_logits(&ids()).unwrap()) > 1e-3,
+            "the adapters changed something"
+        );
 
         let out = tempfile::tempdir().unwrap();
         policy.save_merged(out.path()).unwrap();
         let saved = HfCheckpoint::open(out.path()).unwrap();
-        let reloaded = Decoder::load(&saved.config, saved.weights(DType::F32, &Device::Cpu).unwrap(), 0.0).unwrap();
+        let reloaded =
+            Decoder::load(&saved.config, saved.weights(DType::F32, &Device::Cpu).unwrap(), 0.0).unwrap();
         let diff = max_diff(&adapted, &reloaded.full_logits(&ids()).unwrap());
         assert!(diff < 1e-5, "{preset:?}: the saved merged checkpoint differs by {diff}");
     }
@@ -73,22 +91,40 @@ fn lora_trains_only_the_adapters_and_the_final_norm() {
     let model = tiny_model(dir.path(), Preset::TinyLlama, 23);
     let layers = model.decoder.config().num_hidden_layers;
     for train_norm in [false, true] {
-        let policy =
-            Policy::from_checkpoint(&HfCheckpoint::open(dir.path()).unwrap(), &settings(train_norm), 3, &Device::Cpu)
-                .unwrap();
+        let policy = Policy::from_checkpoint(
+            &HfCheckpoint::open(dir.path()).unwrap(),
+            &settings(train_norm),
+            3,
+            &Device::Cpu,
+        )
+        .unwrap();
         let names: Vec<String> = policy.trainable_vars().into_iter().map(|(n, _)| n).collect();
         assert_eq!(names.len(), layers * 7 * 2 + usize::from(train_norm), "{names:?}");
-        assert!(names.iter().all(|n| n.ends_with(".lora_A.weight") || n.ends_with(".lora_B.weight") || n == FINAL_NORM));
+        assert!(
+            names
+                .iter()
+                .all(|n| n.ends_with(".lora_A.weight") || n.ends_with(".lora_B.weight") || n == FINAL_NORM)
+        );
         let mask = Tensor::ones((2, 6), DType::U32, &Device::Cpu).unwrap();
-        let positions = Tensor::arange(0u32, 6, &Device::Cpu).unwrap().unsqueeze(0).unwrap().repeat((2, 1)).unwrap();
+        let positions =
+            Tensor::arange(0u32, 6, &Device::Cpu).unwrap().unsqueeze(0).unwrap().repeat((2, 1)).unwrap();
         let hidden = policy.decoder.forward(&ids(), &mask, &positions, None, Mode::Train).unwrap();
         let loss = policy.decoder.logits(&hidden).unwrap().sqr().unwrap().mean_all().unwrap();
         let grads = loss.backward().unwrap();
-        let with_grad = policy.trainable_vars().iter().filter(|(_, v)| grads.get(v.as_tensor()).is_some()).count();
+        let with_grad =
+            policy.trainable_vars().iter().filter(|(_, v)| grads.get(v.as_tensor()).is_some()).count();
         assert_eq!(with_grad, names.len(), "every trainable variable is in the graph");
         // A gets no signal while B = 0 (as PEFT); B and the norm do.
         for (name, var) in policy.trainable_vars() {
-            let norm = grads.get(var.as_tensor()).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            let norm = grads
+                .get(var.as_tensor())
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
             if name.ends_with("lora_B.weight") || name == FINAL_NORM {
                 assert!(norm > 0.0, "{name} gets no gradient");
             }

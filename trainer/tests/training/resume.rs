@@ -4,9 +4,9 @@
 
 use std::path::Path;
 
+use tandem_train::model::presets::Preset;
 use tandem_train::run::metrics::MetricsRecord;
 use tandem_train::run::{RunConfig, RunError, Trainer};
-use tandem_train::model::presets::Preset;
 
 use crate::support::{countdown_data, tiny_model, toml_path};
 
@@ -44,6 +44,11 @@ lr = 3e-3
 }
 
 fn gapg_config(out: &Path, model: &Path, train: &Path, steps: u64) -> RunConfig {
+    rl_config(out, model, train, steps, "kind = \"gapg\"\nfilter = false", "")
+}
+
+/// A small reinforcement-learning run with `algorithm` lines and extra sections.
+fn rl_config(out: &Path, model: &Path, train: &Path, steps: u64, algorithm: &str, extra: &str) -> RunConfig {
     let text = format!(
         r#"
 [run]
@@ -62,8 +67,7 @@ train = "{train}"
 reward_version = "v1"
 
 [algorithm]
-kind = "gapg"
-filter = false
+{algorithm}
 
 [rollout]
 prompts_per_step = 3
@@ -76,6 +80,7 @@ micro_batch_rows = 5
 
 [cloud]
 kind = "solver"
+{extra}
 "#,
         out = toml_path(out),
         model = toml_path(model),
@@ -102,28 +107,46 @@ fn resuming_from_a_checkpoint_continues_bit_identically() {
     let base = dir.path().join("base");
     tiny_model(&base, Preset::TinyQwen2, 41);
     let (train, _, sft) = countdown_data(&dir.path().join("data"), 40, 5);
-    let warm = Trainer::prepare(sft_config(&dir.path().join("sft"), &base, &sft), false).unwrap().run(false).unwrap();
+    let warm = Trainer::prepare(sft_config(&dir.path().join("sft"), &base, &sft), false)
+        .unwrap()
+        .run(false)
+        .unwrap();
     let losses: Vec<f64> = std::fs::read_to_string(dir.path().join("sft/metrics.jsonl"))
         .unwrap()
         .lines()
         .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"].as_f64().unwrap())
         .collect();
-    assert!(losses[25..].iter().sum::<f64>() < 0.8 * losses[..5].iter().sum::<f64>(), "SFT lowers the loss: {losses:?}");
+    assert!(
+        losses[25..].iter().sum::<f64>() < 0.8 * losses[..5].iter().sum::<f64>(),
+        "SFT lowers the loss: {losses:?}"
+    );
     assert!(warm.plots.iter().any(|p| p.ends_with("loss.png")));
 
     let straight = dir.path().join("straight");
-    Trainer::prepare(gapg_config(&straight, &warm.final_model, &train, 4), false).unwrap().run(false).unwrap();
+    Trainer::prepare(gapg_config(&straight, &warm.final_model, &train, 4), false)
+        .unwrap()
+        .run(false)
+        .unwrap();
 
     let interrupted = dir.path().join("interrupted");
-    Trainer::prepare(gapg_config(&interrupted, &warm.final_model, &train, 2), false).unwrap().run(false).unwrap();
+    Trainer::prepare(gapg_config(&interrupted, &warm.final_model, &train, 2), false)
+        .unwrap()
+        .run(false)
+        .unwrap();
     let again = Trainer::prepare(gapg_config(&interrupted, &warm.final_model, &train, 4), false);
-    assert!(matches!(again, Err(RunError::RunExists(_))), "a finished run is not overwritten without --resume");
+    assert!(
+        matches!(again, Err(RunError::RunExists(_))),
+        "a finished run is not overwritten without --resume"
+    );
     let resumed = Trainer::prepare(gapg_config(&interrupted, &warm.final_model, &train, 4), true).unwrap();
     assert_eq!(resumed.step(), 2);
     resumed.run(false).unwrap();
 
     let read = |run: &Path| std::fs::read(run.join("final/model.safetensors")).unwrap();
-    assert!(read(&straight) == read(&interrupted), "the resumed run's final weights differ from the uninterrupted run's");
+    assert!(
+        read(&straight) == read(&interrupted),
+        "the resumed run's final weights differ from the uninterrupted run's"
+    );
     let metrics = |run: &Path| {
         train_records(&tandem_train::run::metrics::read_records(&run.join("metrics.jsonl")).unwrap())
     };
@@ -133,4 +156,54 @@ fn resuming_from_a_checkpoint_continues_bit_identically() {
     assert!(a.iter().any(|m| m.2 && m.3 > 0.0), "at least one real update happened: {a:?}");
     let checkpoint = std::fs::read(straight.join("checkpoints/step-000004/model.safetensors")).unwrap();
     assert!(checkpoint == read(&straight), "the last checkpoint is the final model");
+}
+
+#[test]
+fn grpo_dr_grpo_and_lora_runs_update_and_lora_runs_resume() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base");
+    tiny_model(&base, Preset::TinyLlama, 42);
+    let (train, _, sft) = countdown_data(&dir.path().join("data"), 40, 5);
+    let mut warm_config = sft_config(&dir.path().join("sft"), &base, &sft);
+    warm_config.run.steps = 20;
+    warm_config.run.checkpoint_every = 20;
+    let warm = Trainer::prepare(warm_config, false).unwrap().run(false).unwrap().final_model;
+
+    for (name, algorithm) in [
+        ("grpo", "kind = \"grpo\"\nkl_beta = 0.04"),
+        ("dr_grpo", "kind = \"dr_grpo\"\nupdates_per_batch = 2"),
+    ] {
+        let out = dir.path().join(name);
+        Trainer::prepare(rl_config(&out, &warm, &train, 2, algorithm, ""), false).unwrap().run(false).unwrap();
+        let records = tandem_train::run::metrics::read_records(&out.join("metrics.jsonl")).unwrap();
+        let steps: Vec<_> = records
+            .iter()
+            .filter_map(|r| if let MetricsRecord::Train(m) = r { Some(m.clone()) } else { None })
+            .collect();
+        assert_eq!(steps.len(), 2, "{name}");
+        assert!(steps.iter().any(|m| m.updated && m.grad_norm > 0.0), "{name}: {steps:?}");
+        assert_eq!(steps[0].selected, Some(3), "{name}: no filtering, every prompt enters the update");
+        if name == "grpo" {
+            assert!(steps.iter().all(|m| m.kl.is_some()), "GRPO reports its KL to the reference");
+        }
+    }
+
+    let lora = "[finetune]\nmode = \"lora\"\n\n[finetune.lora]\nrank = 4\nalpha = 8.0\ntrain_final_norm = true\n";
+    let straight = dir.path().join("lora-straight");
+    Trainer::prepare(rl_config(&straight, &warm, &train, 4, "kind = \"gapg\"\nfilter = false", lora), false)
+        .unwrap()
+        .run(false)
+        .unwrap();
+    let interrupted = dir.path().join("lora-interrupted");
+    Trainer::prepare(rl_config(&interrupted, &warm, &train, 2, "kind = \"gapg\"\nfilter = false", lora), false)
+        .unwrap()
+        .run(false)
+        .unwrap();
+    assert!(interrupted.join("checkpoints/step-000002/adapter_model.safetensors").is_file());
+    Trainer::prepare(rl_config(&interrupted, &warm, &train, 4, "kind = \"gapg\"\nfilter = false", lora), true)
+        .unwrap()
+        .run(false)
+        .unwrap();
+    let read = |run: &Path| std::fs::read(run.join("final/model.safetensors")).unwrap();
+    assert!(read(&straight) == read(&interrupted), "a resumed LoRA run ends with the same merged weights");
 }

@@ -32,7 +32,8 @@ fn batched_generation_equals_generating_each_prompt_alone() {
     let spec = spec(0.0, 12);
     let batched = generate(&model.decoder, &prompts(), &spec, &mut GumbelNoise::new(0)).unwrap();
     for (prompt, together) in prompts().iter().zip(&batched) {
-        let alone = generate(&model.decoder, std::slice::from_ref(prompt), &spec, &mut GumbelNoise::new(0)).unwrap();
+        let alone =
+            generate(&model.decoder, std::slice::from_ref(prompt), &spec, &mut GumbelNoise::new(0)).unwrap();
         assert_eq!(alone[0].tokens, together.tokens, "prompt {prompt:?}");
         for (a, b) in alone[0].logprobs.iter().zip(&together.logprobs) {
             assert!((a - b).abs() < 1e-4, "{a} vs {b}");
@@ -51,12 +52,18 @@ fn recorded_logprobs_equal_a_training_forward_of_the_sampled_tokens() {
         let rows: Vec<(&[u32], &[u32])> =
             prompts.iter().zip(&completions).map(|(p, c)| (p.as_slice(), c.tokens.as_slice())).collect();
         let packed = pack(&rows, &Device::Cpu).unwrap();
-        let recomputed =
-            response_logprobs(&model.decoder, &packed, Mode::Train, temperature).unwrap().to_vec2::<f32>().unwrap();
+        let recomputed = response_logprobs(&model.decoder, &packed, Mode::Train, temperature)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
         for (row, completion) in completions.iter().enumerate() {
             for (t, recorded) in completion.logprobs.iter().enumerate() {
                 let diff = (recorded - recomputed[row][t]).abs();
-                assert!(diff < 1e-4, "T={temperature} row {row} token {t}: {recorded} vs {}", recomputed[row][t]);
+                assert!(
+                    diff < 1e-4,
+                    "T={temperature} row {row} token {t}: {recorded} vs {}",
+                    recomputed[row][t]
+                );
             }
         }
     }
@@ -70,7 +77,10 @@ fn the_same_seed_gives_the_same_samples_and_another_seed_others() {
     let draw = |seed| generate(&model.decoder, &rows, &spec(1.0, 16), &mut GumbelNoise::new(seed)).unwrap();
     let (a, b, c) = (draw(1), draw(1), draw(2));
     assert_eq!(a, b);
-    assert_ne!(a.iter().map(|x| &x.tokens).collect::<Vec<_>>(), c.iter().map(|x| &x.tokens).collect::<Vec<_>>());
+    assert_ne!(
+        a.iter().map(|x| &x.tokens).collect::<Vec<_>>(),
+        c.iter().map(|x| &x.tokens).collect::<Vec<_>>()
+    );
     let distinct: std::collections::HashSet<_> = a.iter().map(|x| x.tokens.clone()).collect();
     assert!(distinct.len() > 1, "a group's samples differ from each other");
 }

@@ -32,7 +32,13 @@ pub fn format(dir: &Path, model: &TrainableModel) -> ChatFormat {
 
 /// Small Countdown problems (3 numbers up to 20).
 pub fn problems(count: usize, seed: u64) -> Vec<CountdownProblem> {
-    let config = GeneratorConfig { min_count: 3, max_count: 3, max_number: 20, max_target: 50, ..GeneratorConfig::default() };
+    let config = GeneratorConfig {
+        min_count: 3,
+        max_count: 3,
+        max_number: 20,
+        max_target: 50,
+        ..GeneratorConfig::default()
+    };
     CountdownGenerator::new(config, seed).unwrap().distinct(count).unwrap()
 }
 

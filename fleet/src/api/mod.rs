@@ -1,0 +1,104 @@
+//! The operator API (axum): devices, statistics, raw events and the gateway's budgets under `/v1/`
+//! (bearer token), plus `/healthz`, `/metrics` (Prometheus), `/openapi.json` and the dashboard.
+
+mod dashboard;
+mod error;
+mod openapi;
+mod query;
+mod routes;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::{Request, State};
+use axum::http::header::AUTHORIZATION;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use tandemd::offload::Secret;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+pub use openapi::OPENAPI_JSON;
+
+use crate::gateway::BudgetBook;
+use crate::metrics::FleetMetrics;
+use crate::store::Store;
+use error::ApiError;
+
+/// What the handlers read.
+#[derive(Clone)]
+pub struct ApiState {
+    pub store: Store,
+    pub metrics: Arc<FleetMetrics>,
+    /// The gateway's budgets, when the gateway runs.
+    pub budgets: Option<Arc<BudgetBook>>,
+    /// The cloud fraction the dashboard draws as the budget band.
+    pub budget_fraction: f64,
+    /// Largest page of `/v1/events`.
+    pub max_page: u32,
+    /// Whether the MQTT side is up (the embedded broker listens, or the external one is connected).
+    pub mqtt_ready: Arc<std::sync::atomic::AtomicBool>,
+    token: Option<Arc<Secret>>,
+}
+
+impl ApiState {
+    pub fn new(
+        store: Store,
+        metrics: Arc<FleetMetrics>,
+        budgets: Option<Arc<BudgetBook>>,
+        budget_fraction: f64,
+        max_page: u32,
+        token: Option<Secret>,
+    ) -> Self {
+        Self {
+            store,
+            metrics,
+            budgets,
+            budget_fraction,
+            max_page,
+            mqtt_ready: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            token: token.map(Arc::new),
+        }
+    }
+}
+
+/// The application.
+pub fn router(state: ApiState) -> Router {
+    let v1 = routes::v1().layer(axum::middleware::from_fn_with_state(state.clone(), require_token));
+    routes::open().merge(v1).with_state(state)
+}
+
+/// Serves the API on `listener` until `shutdown`.
+pub async fn serve(
+    listener: TcpListener,
+    state: ApiState,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(state)).with_graceful_shutdown(shutdown.cancelled_owned()).await
+}
+
+/// Binds the API's address.
+pub async fn bind(address: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(address).await
+}
+
+/// `Authorization: Bearer TOKEN` on every `/v1/` route when a token is configured.
+async fn require_token(State(state): State<ApiState>, request: Request, next: Next) -> Response {
+    if let Some(token) = &state.token {
+        let presented = request
+            .headers()
+            .get(AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        if !constant_time_eq(presented.as_bytes(), token.expose().as_bytes()) {
+            return ApiError::Unauthorized.into_response();
+        }
+    }
+    next.run(request).await
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}

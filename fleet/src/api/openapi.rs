@@ -1,0 +1,35 @@
+//! The OpenAPI document, written by hand (`openapi.json` next to this file) and checked by a test
+//! against the routes the router really serves.
+
+/// The document.
+pub const OPENAPI_JSON: &str = include_str!("openapi.json");
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use super::*;
+
+    /// The paths `routes.rs` registers, read from its source.
+    fn routed_paths() -> BTreeSet<String> {
+        let source = include_str!("routes.rs");
+        source
+            .split(".route(\"")
+            .skip(1)
+            .map(|rest| rest.split('"').next().expect("a quoted path").to_string())
+            .collect()
+    }
+
+    #[test]
+    fn the_document_lists_exactly_the_routed_paths() {
+        let document: serde_json::Value = serde_json::from_str(OPENAPI_JSON).expect("valid JSON");
+        let documented: BTreeSet<String> =
+            document["paths"].as_object().expect("paths").keys().cloned().collect();
+        assert_eq!(documented, routed_paths());
+        for (path, item) in document["paths"].as_object().unwrap() {
+            assert!(item.get("get").is_some(), "{path}: every route is a GET");
+            let secured = item["get"].get("security").is_some();
+            assert_eq!(secured, path.starts_with("/v1/"), "{path}: exactly the /v1/ routes need the token");
+        }
+    }
+}

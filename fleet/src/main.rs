@@ -1,0 +1,261 @@
+//! `tandem-fleet`: the fleet service and its tools. Errors are printed with their causes; the exit
+//! code is 2 when the configuration or input is wrong, 1 otherwise.
+
+use std::io::{BufRead, IsTerminal};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use tandem_fleet::broker::acl::mosquitto_acl;
+use tandem_fleet::config::{FleetConfig, load_config};
+use tandem_fleet::devices_file::{MIN_PASSWORD_CHARS, hash_password};
+use tandem_fleet::loadgen::{LoadOptions, SinkOptions, run_load, run_sink};
+use tracing_subscriber::EnvFilter;
+
+/// The Tandem fleet service.
+#[derive(Debug, Parser)]
+#[command(name = "tandem-fleet", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the fleet: broker (or external broker client), ingest, gateway, API and dashboard.
+    Serve(ConfigArgs),
+    /// Check the configuration and say what `serve` would run (exit 2 when invalid).
+    CheckConfig(ConfigArgs),
+    /// Print the effective configuration as TOML.
+    PrintConfig(ConfigArgs),
+    /// Hash a device password (read from stdin) for the devices file.
+    HashPassword,
+    /// Print a Mosquitto acl_file with the fleet's topic rules.
+    MosquittoAcl {
+        /// The fleet's own MQTT user name.
+        #[arg(long, default_value = "tandem-fleet")]
+        fleet_user: String,
+    },
+    /// Simulate devices publishing telemetry (and offload requests) over MQTT; prints a JSON report.
+    Loadgen(LoadArgs),
+    /// Subscribe to every device's telemetry and only count it (the broker's ceiling); prints JSON.
+    Sink(SinkArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct ConfigArgs {
+    /// The configuration file (default: /etc/tandem/fleet.toml when it exists, else built-in defaults).
+    #[arg(long)]
+    config: Option<PathBuf>,
+}
+
+#[derive(Debug, clap::Args)]
+struct LoadArgs {
+    /// Broker address, `mqtt://HOST:PORT` or `HOST:PORT`.
+    #[arg(long)]
+    url: String,
+    /// Simulated devices.
+    #[arg(long, default_value_t = 100)]
+    devices: usize,
+    /// Device id prefix.
+    #[arg(long, default_value = "sim-")]
+    device_prefix: String,
+    /// Password of every simulated device (user name = device id).
+    #[arg(long)]
+    password: Option<String>,
+    /// Telemetry events per second over all devices (0: as fast as the broker acknowledges).
+    #[arg(long, default_value_t = 1000.0)]
+    rate: f64,
+    /// Events per message.
+    #[arg(long, default_value_t = 10)]
+    batch: usize,
+    /// Seconds of publishing.
+    #[arg(long, default_value_t = 10.0)]
+    duration: f64,
+    /// Seconds to wait afterwards for outstanding acknowledgements.
+    #[arg(long, default_value_t = 30.0)]
+    drain: f64,
+    /// Unacknowledged messages per device, at most.
+    #[arg(long, default_value_t = 16)]
+    max_in_flight: usize,
+    /// Offload requests per second over all devices.
+    #[arg(long, default_value_t = 0.0)]
+    offload_rate: f64,
+    /// Model version in the events.
+    #[arg(long, default_value = "sim-model@1")]
+    model_version: String,
+    /// Append the id of every acknowledged event to this file.
+    #[arg(long)]
+    acked_ids: Option<PathBuf>,
+}
+
+#[derive(Debug, clap::Args)]
+struct SinkArgs {
+    /// Broker address, `mqtt://HOST:PORT` or `HOST:PORT`.
+    #[arg(long)]
+    url: String,
+    /// Stop after this many seconds without a message.
+    #[arg(long, default_value_t = 3.0)]
+    idle: f64,
+    /// Stop after this many seconds in any case.
+    #[arg(long, default_value_t = 600.0)]
+    limit: f64,
+    /// Create this file once subscribed.
+    #[arg(long)]
+    ready_file: Option<PathBuf>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        EnvFilter::new(if matches!(cli.command, Command::Serve(_)) { "info" } else { "warn" })
+    });
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+    match run(cli) {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("tandem-fleet: {error:#}");
+            let user_error = error
+                .chain()
+                .any(|cause| cause.is::<tandem_fleet::config::ConfigError>() || cause.is::<InvalidConfig>());
+            ExitCode::from(if user_error { 2 } else { 1 })
+        }
+    }
+}
+
+/// The configuration failed validation (reported already).
+#[derive(Debug, thiserror::Error)]
+#[error("the configuration is not valid")]
+struct InvalidConfig;
+
+fn load_valid(args: &ConfigArgs) -> anyhow::Result<FleetConfig> {
+    let config = load_config(args.config.as_deref())?;
+    if let Err(errors) = config.validate() {
+        for error in &errors {
+            eprintln!("error: {error}");
+        }
+        return Err(InvalidConfig.into());
+    }
+    Ok(config)
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread().enable_all().build().context("cannot start the async runtime")
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Serve(args) => {
+            let config = load_valid(&args)?;
+            runtime()?.block_on(serve(config))?;
+        }
+        Command::CheckConfig(args) => {
+            let config = load_valid(&args)?;
+            println!("configuration is valid");
+            println!("store: {}", config.store.url);
+            match config.mqtt.mode {
+                tandem_fleet::config::MqttMode::Embedded => {
+                    let broker = &config.mqtt.embedded;
+                    println!("mqtt: embedded broker on {:?} (TLS {:?})", broker.listen, broker.tls_listen);
+                }
+                tandem_fleet::config::MqttMode::External => {
+                    let external = config.mqtt.external.as_ref().expect("validated");
+                    println!("mqtt: client of {} as {}", external.url, external.client_id);
+                }
+            }
+            if let Some(path) = &config.devices_file {
+                let devices = tandem_fleet::devices_file::Devices::load(path)?;
+                println!("devices file: {} ({} devices)", path.display(), devices.groups().len());
+            }
+            println!("api: {}", config.api.listen);
+            println!("gateway: {} upstream endpoint(s)", config.gateway.upstream.len());
+        }
+        Command::PrintConfig(args) => {
+            let config = load_config(args.config.as_deref())?;
+            print!("{}", config.to_toml());
+        }
+        Command::HashPassword => {
+            let mut line = String::new();
+            std::io::stdin().lock().read_line(&mut line).context("cannot read the password from stdin")?;
+            let password = line.trim_end_matches(['\r', '\n']);
+            if password.chars().count() < MIN_PASSWORD_CHARS {
+                eprintln!(
+                    "the password must be at least {MIN_PASSWORD_CHARS} characters (generate one, e.g. `openssl rand -base64 24`)"
+                );
+                return Ok(ExitCode::from(2));
+            }
+            println!("{}", hash_password(password));
+        }
+        Command::MosquittoAcl { fleet_user } => print!("{}", mosquitto_acl(&fleet_user)),
+        Command::Loadgen(args) => {
+            let options = LoadOptions {
+                broker: host_port(&args.url)?,
+                devices: args.devices,
+                device_prefix: args.device_prefix,
+                password: args.password,
+                rate: args.rate,
+                batch: args.batch.max(1),
+                duration: Duration::from_secs_f64(args.duration),
+                drain: Duration::from_secs_f64(args.drain),
+                max_in_flight: args.max_in_flight.max(1),
+                offload_rate: args.offload_rate,
+                model_version: args.model_version,
+                acked_ids: args.acked_ids,
+            };
+            let report = runtime()?.block_on(run_load(options))?;
+            println!("{}", serde_json::to_string_pretty(&report)?);
+        }
+        Command::Sink(args) => {
+            let address = host_port(&args.url)?;
+            let (host, port) = address.rsplit_once(':').context("HOST:PORT")?;
+            let options = SinkOptions {
+                host: host.to_string(),
+                port: port.parse().context("the port")?,
+                idle: Duration::from_secs_f64(args.idle),
+                limit: Duration::from_secs_f64(args.limit),
+            };
+            let report = runtime()?.block_on(async move {
+                let (ready, subscribed) = tokio::sync::oneshot::channel();
+                let ready_file = args.ready_file.clone();
+                tokio::spawn(async move {
+                    if subscribed.await.is_ok()
+                        && let Some(path) = ready_file
+                    {
+                        let _ = std::fs::write(path, b"subscribed\n");
+                    }
+                });
+                run_sink(options, ready).await
+            });
+            println!("{}", serde_json::to_string_pretty(&report)?);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn host_port(url: &str) -> anyhow::Result<String> {
+    let rest = url.strip_prefix("mqtt://").unwrap_or(url).trim_end_matches('/');
+    if !rest.contains(':') {
+        bail!("`{url}`: expected mqtt://HOST:PORT");
+    }
+    Ok(rest.to_string())
+}
+
+async fn serve(config: FleetConfig) -> anyhow::Result<()> {
+    let fleet = tandem_fleet::serve::start(config).await?;
+    let shutdown = fleet.shutdown_token();
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("cannot listen for SIGTERM")?;
+    tokio::select! {
+        _ = terminate.recv() => tracing::info!("SIGTERM: stopping"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("interrupted: stopping"),
+        () = shutdown.cancelled() => {}
+    }
+    fleet.stop().await;
+    Ok(())
+}

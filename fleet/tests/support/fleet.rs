@@ -1,0 +1,80 @@
+//! A fleet running inside the test process, on loopback ports chosen by the OS, with its own
+//! temporary SQLite database unless the test sets another store.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use tandem_fleet::config::FleetConfig;
+use tandem_fleet::serve::RunningFleet;
+
+pub struct TestFleet {
+    pub fleet: Option<RunningFleet>,
+    pub dir: tempfile::TempDir,
+    pub api: SocketAddr,
+    pub mqtt: Option<SocketAddr>,
+    pub mqtts: Option<SocketAddr>,
+}
+
+impl TestFleet {
+    /// A fleet with anonymous access to the embedded broker, changed by `configure`.
+    pub async fn start(configure: impl FnOnce(&mut FleetConfig, &std::path::Path)) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = FleetConfig::default();
+        config.store.url = format!("sqlite://{}", dir.path().join("fleet.db").display());
+        config.mqtt.embedded.listen = Some("127.0.0.1:0".parse().unwrap());
+        config.mqtt.embedded.allow_anonymous = true;
+        config.api.listen = "127.0.0.1:0".parse().unwrap();
+        configure(&mut config, dir.path());
+        config.validate().unwrap_or_else(|e| panic!("{e:?}"));
+        let fleet = tandem_fleet::serve::start(config).await.expect("the fleet starts");
+        Self {
+            api: fleet.api_address,
+            mqtt: fleet.mqtt_address,
+            mqtts: fleet.mqtts_address,
+            fleet: Some(fleet),
+            dir,
+        }
+    }
+
+    pub fn api_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.api)
+    }
+
+    pub fn db_path(&self) -> PathBuf {
+        self.dir.path().join("fleet.db")
+    }
+
+    pub async fn stop(&mut self) {
+        if let Some(fleet) = self.fleet.take() {
+            fleet.stop().await;
+        }
+    }
+
+    /// GET `path` (with `token` as bearer when given) as JSON; panics unless 200.
+    pub async fn get(&self, path: &str, token: Option<&str>) -> serde_json::Value {
+        let mut request = http().get(self.api_url(path));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        let response = request.send().await.expect("the API answers");
+        let status = response.status();
+        let text = response.text().await.unwrap();
+        assert!(status.is_success(), "GET {path}: {status}\n{text}");
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("GET {path}: {e}\n{text}"))
+    }
+
+    /// The value of the Prometheus sample `name` (with its labels, e.g. `x_total{reason="y"}`), 0
+    /// when absent.
+    pub async fn metric(&self, sample: &str) -> f64 {
+        let text = http().get(self.api_url("/metrics")).send().await.unwrap().text().await.unwrap();
+        text.lines()
+            .find_map(|line| line.strip_prefix(sample).and_then(|rest| rest.trim().parse().ok()))
+            .unwrap_or(0.0)
+    }
+}
+
+/// An HTTP client for the API.
+pub fn http() -> reqwest::Client {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::builder().timeout(std::time::Duration::from_secs(10)).build().unwrap()
+}

@@ -1,0 +1,73 @@
+//! Offload over MQTT end to end: a device `tandemd` that always asks for help sends its query over
+//! MQTT to the fleet's gateway (embedded broker), which asks a second `tandemd` playing the cloud
+//! over HTTP and answers on the device's response topic; the device answers with route `cloud`,
+//! and its telemetry says so in the fleet.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tandem_train::export::ExternalData;
+use tandem_train::model::presets::Preset;
+
+use crate::daemon_process::{DaemonProcess, http_client};
+use crate::fixtures::ExportedModel;
+use crate::fleet_support::{FleetProcess, eventually, fleet_config, loopback};
+
+const ALWAYS_ASK: f32 = 60.0;
+const NEVER_ASK: f32 = -60.0;
+
+#[test]
+fn an_offload_goes_from_the_device_through_the_gateway_to_a_cloud_tandemd_and_back() {
+    let work = tempfile::tempdir().unwrap();
+    let model = ExportedModel::new(&Preset::TinyQwen2.config(), 71, ExternalData::Never);
+    let cloud = DaemonProcess::start(
+        &work.path().join("cloud"),
+        &model.bundle,
+        &format!("device_id = \"cloud-1\"\n[router]\nhelp_bias = {NEVER_ASK}\n"),
+    );
+
+    let (api, mqtt) = (loopback(), loopback());
+    let section = format!(
+        "[mqtt.embedded]\nlisten = \"{mqtt}\"\nallow_anonymous = true\n\
+         [[gateway.upstream]]\nurl = \"{}\"\nmodel = \"cloud-model\"\ntimeout_ms = 20000\n\
+         [gateway.device_budget]\ncloud_fraction = 0.5\nburst = 3\n",
+        cloud.url()
+    );
+    let fleet =
+        FleetProcess::start(&work.path().join("fleet"), &fleet_config(work.path(), None, api, &section), api);
+
+    let device_config = format!(
+        "device_id = \"robot-7\"\n[router]\nhelp_bias = {ALWAYS_ASK}\n[mqtt]\nurl = \"mqtt://{mqtt}\"\n\
+         [cloud]\nmqtt = true\ndeadline_ms = 30000\n[budget]\ncloud_fraction = 0.5\nburst = 3\n\
+         [telemetry]\ntransport = {{ kind = \"mqtt\" }}\nflush_interval_ms = 50\n"
+    );
+    let device = DaemonProcess::start(&work.path().join("device"), &model.bundle, &device_config);
+    let response = http_client(Duration::from_secs(60))
+        .post(format!("{}/v1/chat/completions", device.url()))
+        .json(&json!({"messages": [{"role": "user", "content": "What is 6 * 7?"}], "max_tokens": 8}))
+        .send()
+        .unwrap();
+    assert!(response.status().is_success(), "{}", device.log());
+    let route = response.headers().get("x-tandem-route").unwrap().to_str().unwrap().to_string();
+    let body: Value = response.json().unwrap();
+    assert_eq!(route, "cloud", "{body}\n--- device\n{}\n--- fleet\n{}", device.log(), fleet.log());
+    assert!(body["tandem"]["cloud_model"].is_string(), "{body}");
+    assert!(!body["choices"][0]["message"]["content"].as_str().unwrap().contains("<unknown>"));
+    assert_eq!(fleet.metric("tandem_fleet_gateway_requests_total{outcome=\"answer\"}"), 1.0);
+
+    let event_id = body["tandem"]["event_id"].as_str().unwrap().to_string();
+    eventually("the cloud answer's telemetry reaches the fleet", Duration::from_secs(20), || {
+        fleet.all_event_ids(None).contains(&event_id)
+    });
+    let events = fleet.get("/v1/events?device=robot-7&route=cloud", None);
+    let event = &events["events"][0];
+    assert_eq!(
+        (event["route"].as_str(), event["transport"].as_str()),
+        (Some("cloud"), Some("mqtt")),
+        "{event}"
+    );
+    assert!(event["cloud_tokens"]["completion"].as_u64().unwrap() > 0, "{event}");
+    let budget = fleet.get("/v1/budget", None);
+    assert_eq!(budget["devices"][0]["device"], "robot-7");
+    assert_eq!(budget["devices"][0]["budget"]["cloud"], 1, "{budget}");
+}
