@@ -1,8 +1,9 @@
 //! The budget gate with its state on disk, so a restart does not reset the window.
 //!
-//! Cloud reservations and commits are written before they take effect (a crash can only make
-//! the gate stricter); local answers are written at most once per second and at shutdown,
-//! since losing some of them also only makes the gate stricter.
+//! A reservation is on disk before the cloud call goes out. Everything else (commits, releases,
+//! local answers) is written at most once per second and at shutdown: after a crash an unsettled
+//! reservation counts as a spent cloud call, and lost local answers leave fewer calls allowed, so
+//! what a crash loses can only make the gate stricter, never looser.
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -87,23 +88,27 @@ impl BudgetStore {
     pub fn commit(&self, reservation: Reservation, actual_tokens: u64) -> Result<(), BudgetStoreError> {
         let mut inner = self.lock();
         inner.gate.commit(reservation, now_ms(), actual_tokens);
-        self.write(&mut inner)
+        self.save_lazily(&mut inner)
     }
 
     /// The cloud call failed; the query was answered locally.
     pub fn release(&self, reservation: Reservation) -> Result<(), BudgetStoreError> {
         let mut inner = self.lock();
         inner.gate.release(reservation, now_ms());
-        self.write(&mut inner)
+        self.save_lazily(&mut inner)
     }
 
     /// A query answered locally.
     pub fn record_local(&self) -> Result<(), BudgetStoreError> {
         let mut inner = self.lock();
         inner.gate.record_local(now_ms());
+        self.save_lazily(&mut inner)
+    }
+
+    fn save_lazily(&self, inner: &mut Inner) -> Result<(), BudgetStoreError> {
         inner.dirty = true;
         if inner.last_save.elapsed() >= LAZY_SAVE_INTERVAL {
-            self.write(&mut inner)?;
+            self.write(inner)?;
         }
         Ok(())
     }

@@ -175,7 +175,7 @@ impl Router {
         // Not trimmed: the content must start with exactly what was streamed.
         let local_text = first.generation.text.clone();
 
-        let mut local_ms = started.elapsed().as_millis() as u64;
+        let mut offload_ms = 0;
         let mut prompt_tokens = first.prompt_ids.len() as u32;
         let mut completion_tokens = first.generation.ids.len() as u32;
         let (settled, content, finish) = if !asked_for_help {
@@ -186,7 +186,9 @@ impl Router {
             let settled = Settled { route: Route::Local, cloud: None, fallback_reason: None };
             (settled, local_text.clone(), finish_kind(first.generation.finish_reason))
         } else {
+            let offload_started = Instant::now();
             let settled = self.offload(&request, &local_text, params.max_new_tokens as u32, &cancel).await;
+            offload_ms = offload_started.elapsed().as_millis() as u64;
             match &settled.cloud {
                 Some(answer) => {
                     let kept = if self.settings.include_local_attempt { local_text.as_str() } else { "" };
@@ -203,14 +205,15 @@ impl Router {
                         send(&deltas, kept_text).await;
                     }
                     let resumed = self.answer_locally(&first, kept_ids, &params, deltas.as_ref()).await?;
-                    local_ms = started.elapsed().as_millis() as u64;
                     completion_tokens += resumed.generation.ids.len() as u32;
                     let finish = finish_kind(resumed.generation.finish_reason);
                     (settled_clone(&settled), format!("{kept_text}{}", resumed.generation.text), finish)
                 }
             }
         };
-        let cloud_ms = settled.cloud.as_ref().map_or(0, |a| a.latency.as_millis() as u64);
+        // Time on the device is everything except waiting for the cloud (answered or not).
+        let cloud_ms = offload_ms;
+        let local_ms = (started.elapsed().as_millis() as u64).saturating_sub(offload_ms);
         let outcome = ChatOutcome {
             route: settled.route,
             content,
@@ -220,7 +223,7 @@ impl Router {
             help_probability,
             cloud_model: settled.cloud.as_ref().map(|a| a.model.clone()),
             fallback_reason: settled.fallback_reason.clone(),
-            local_ms: local_ms.saturating_sub(cloud_ms),
+            local_ms,
             cloud_ms,
             event_id: None,
         };
