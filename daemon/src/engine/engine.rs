@@ -38,6 +38,10 @@ impl Engine {
     pub fn load(model_dir: &Path, config: &EngineConfig) -> Result<Engine, EngineError> {
         let runtime = load_ort(config.ort_library.as_deref())?;
         let model = ModelDir::inspect(model_dir)?;
+        // TensorRT engine caches live in a directory keyed by model, runtime, GPU and precision, the
+        // same one `tandemd prepare` builds into, so a prepared engine is loaded instead of rebuilt.
+        let keyed = super::tensorrt_cache::resolve_cache_dirs(config, &model, &runtime)?;
+        let config = &keyed.config;
         tracing::info!(dir = %model.root.display(), format = model.format.name(), "loading model");
 
         let builder = configure_session(runtime.environment(), config)?;
