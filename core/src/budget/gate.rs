@@ -165,7 +165,11 @@ impl BudgetGate {
         if let Some(max) = self.policy.max_cloud_tokens_per_day
             && s.tokens_last_day + estimated_tokens > max
         {
-            return Err(Refusal::DailyTokenCap { tokens: s.tokens_last_day, requested: estimated_tokens, max });
+            return Err(Refusal::DailyTokenCap {
+                tokens: s.tokens_last_day,
+                requested: estimated_tokens,
+                max,
+            });
         }
         let id = self.state.next_id;
         self.state.next_id += 1;

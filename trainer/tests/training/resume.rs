@@ -174,7 +174,10 @@ fn grpo_dr_grpo_and_lora_runs_update_and_lora_runs_resume() {
         ("dr_grpo", "kind = \"dr_grpo\"\nupdates_per_batch = 2"),
     ] {
         let out = dir.path().join(name);
-        Trainer::prepare(rl_config(&out, &warm, &train, 2, algorithm, ""), false).unwrap().run(false).unwrap();
+        Trainer::prepare(rl_config(&out, &warm, &train, 2, algorithm, ""), false)
+            .unwrap()
+            .run(false)
+            .unwrap();
         let records = tandem_train::run::metrics::read_records(&out.join("metrics.jsonl")).unwrap();
         let steps: Vec<_> = records
             .iter()
@@ -188,22 +191,29 @@ fn grpo_dr_grpo_and_lora_runs_update_and_lora_runs_resume() {
         }
     }
 
-    let lora = "[finetune]\nmode = \"lora\"\n\n[finetune.lora]\nrank = 4\nalpha = 8.0\ntrain_final_norm = true\n";
+    let lora =
+        "[finetune]\nmode = \"lora\"\n\n[finetune.lora]\nrank = 4\nalpha = 8.0\ntrain_final_norm = true\n";
     let straight = dir.path().join("lora-straight");
     Trainer::prepare(rl_config(&straight, &warm, &train, 4, "kind = \"gapg\"\nfilter = false", lora), false)
         .unwrap()
         .run(false)
         .unwrap();
     let interrupted = dir.path().join("lora-interrupted");
-    Trainer::prepare(rl_config(&interrupted, &warm, &train, 2, "kind = \"gapg\"\nfilter = false", lora), false)
-        .unwrap()
-        .run(false)
-        .unwrap();
+    Trainer::prepare(
+        rl_config(&interrupted, &warm, &train, 2, "kind = \"gapg\"\nfilter = false", lora),
+        false,
+    )
+    .unwrap()
+    .run(false)
+    .unwrap();
     assert!(interrupted.join("checkpoints/step-000002/adapter_model.safetensors").is_file());
-    Trainer::prepare(rl_config(&interrupted, &warm, &train, 4, "kind = \"gapg\"\nfilter = false", lora), true)
-        .unwrap()
-        .run(false)
-        .unwrap();
+    Trainer::prepare(
+        rl_config(&interrupted, &warm, &train, 4, "kind = \"gapg\"\nfilter = false", lora),
+        true,
+    )
+    .unwrap()
+    .run(false)
+    .unwrap();
     let read = |run: &Path| std::fs::read(run.join("final/model.safetensors")).unwrap();
     assert!(read(&straight) == read(&interrupted), "a resumed LoRA run ends with the same merged weights");
 }
