@@ -14,7 +14,7 @@ BENCH=.bench/fleet
 FLEET=./target/release/tandem-fleet
 DEVICES=${BENCH_FLEET_DEVICES:-1000}
 BATCH=${BENCH_FLEET_BATCH:-20}
-MAX_SECONDS=${BENCH_FLEET_MAX_SECONDS:-15}
+MAX_SECONDS=${BENCH_FLEET_MAX_SECONDS:-5}
 RATE=${BENCH_FLEET_RATE:-25000}
 SUSTAINED_SECONDS=${BENCH_FLEET_SECONDS:-30}
 MOSQUITTO=/usr/sbin/mosquitto
@@ -24,8 +24,9 @@ rm -rf "${BENCH:?}"/run
 RUN="$BENCH/run"
 mkdir -p "$RUN"
 
-# scripts/bench.sh builds the release binaries first and says so; run alone, this builds them.
-if [ -z "${BENCH_BUILT:-}" ]; then
+# scripts/bench.sh builds the release binaries first and says so (BENCH_BUILT=1); run alone, or
+# when that build did not include tandem-fleet, this builds it.
+if [ -z "${BENCH_BUILT:-}" ] || [ ! -x "$FLEET" ]; then
     cargo build --release -p tandem-fleet
 fi
 
@@ -85,8 +86,8 @@ stored() {
     curl -s "http://127.0.0.1:$API_PORT/metrics" \
         | awk '/^tandem_fleet_ingest_events_total\{result="stored"\}/ {print $2}' | head -1
 }
-wait_stored() { # until the fleet stored $1 events (or 300 s)
-    for _ in $(seq 3000); do [ "$(stored)" = "$1" ] && return; sleep 0.1; done
+wait_stored() { # until the fleet stored $1 events (or 600 s)
+    for _ in $(seq 6000); do [ "$(stored)" = "$1" ] && return; sleep 0.1; done
     echo "fleet_bench: the fleet stored $(stored) of $1 events" >&2; exit 1
 }
 loadgen() { "$FLEET" loadgen --url "mqtt://127.0.0.1:$MQTT_PORT" --devices "$DEVICES" --batch "$BATCH" "$@"; }

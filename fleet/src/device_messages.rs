@@ -1,5 +1,6 @@
 //! What the fleet does with each message a device publishes, whichever broker it came through:
-//! telemetry goes to ingest, offload requests to the gateway, status messages to the device table.
+//! telemetry and status messages go to ingest (one writer, the same transactions), offload requests
+//! to the gateway.
 
 use std::sync::Arc;
 
@@ -9,16 +10,15 @@ use tandemd::mqtt::DeviceStatus;
 
 use crate::device_link::DeviceLink;
 use crate::gateway::{Gateway, OffloadArrival};
-use crate::ingest::{Acknowledge, Ingest};
+use crate::ingest::{Acknowledge, BadMessage, Delivery, Ingest};
 use crate::metrics::FleetMetrics;
-use crate::store::{DeviceStatusUpdate, Store, now_ms};
+use crate::store::{DeviceStatusUpdate, now_ms};
 
 /// The fleet's handlers for device → fleet messages.
 pub struct DeviceMessages {
     ingest: Ingest,
     gateway: Option<Gateway>,
     link: Arc<dyn DeviceLink>,
-    store: Store,
     metrics: Arc<FleetMetrics>,
 }
 
@@ -35,10 +35,9 @@ impl DeviceMessages {
         ingest: Ingest,
         gateway: Option<Gateway>,
         link: Arc<dyn DeviceLink>,
-        store: Store,
         metrics: Arc<FleetMetrics>,
     ) -> Self {
-        Self { ingest, gateway, link, store, metrics }
+        Self { ingest, gateway, link, metrics }
     }
 
     /// A telemetry message of `device`; `ack` runs once it is committed or refused.
@@ -73,29 +72,34 @@ impl DeviceMessages {
         }
     }
 
-    /// A status message (or last will) of `device`; an empty payload (a cleared retained
-    /// message) is ignored.
-    pub async fn status(&self, device: &str, payload: &[u8]) {
+    /// A status message (or last will) of `device`; `ack` runs once it is recorded (or refused).
+    /// An empty payload (a cleared retained message) is ignored.
+    pub async fn status(&self, device: &str, payload: &[u8], ack: Option<Acknowledge>) {
+        let refuse = |reason: &'static str, ack: Option<Acknowledge>| {
+            self.metrics.bad(reason);
+            if let Some(ack) = ack {
+                ack(Delivery::Rejected(BadMessage::Schema));
+            }
+        };
         if payload.is_empty() {
+            if let Some(ack) = ack {
+                ack(Delivery::Stored);
+            }
             return;
         }
         let status: DeviceStatus = match serde_json::from_slice(payload) {
             Ok(status) => status,
             Err(error) => {
                 tracing::warn!(device, %error, "ignoring a status message that is not a device status");
-                self.metrics.bad("status_malformed");
-                return;
+                return refuse("status_malformed", ack);
             }
         };
         if status.device_id != device {
             tracing::warn!(device, claimed = %status.device_id, "ignoring a status message for another device");
-            self.metrics.bad("status_device_mismatch");
-            return;
+            return refuse("status_device_mismatch", ack);
         }
         let update =
             DeviceStatusUpdate { device_id: device.to_string(), online: status.online, at_ms: now_ms() };
-        if let Err(error) = self.store.update_device_status(&[update]).await {
-            tracing::error!(device, %error, "cannot record a device status");
-        }
+        self.ingest.submit_status(update, ack).await;
     }
 }

@@ -136,7 +136,7 @@ pub async fn start(config: FleetConfig) -> Result<RunningFleet, ServeError> {
     let (ingest, ingest_task) =
         Ingest::start(store.clone(), &config.ingest, metrics.clone(), listener, shutdown.clone());
     tasks.push(ingest_task);
-    let messages = Arc::new(DeviceMessages::new(ingest, gateway, link, store.clone(), metrics.clone()));
+    let messages = Arc::new(DeviceMessages::new(ingest, gateway, link, metrics.clone()));
 
     let token = config.api.token.as_ref().map(tandemd::offload::read_secret).transpose()?;
     let api_state = ApiState::new(

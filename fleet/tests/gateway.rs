@@ -122,17 +122,21 @@ async fn ask(client: &mut TestClient, request: &OffloadRequest) -> (OffloadRespo
         )
         .await
         .unwrap();
-    loop {
+    // Both the request's PUBACK and the response, in either order: a PUBACK left unread would be
+    // taken by the next `publish_acked` for its own.
+    let (mut acked, mut answer) = (false, None);
+    while !acked || answer.is_none() {
         match client.next_significant().await {
-            Ok(Packet::PubAck(_)) => continue,
-            Ok(Packet::Publish(publish)) => {
+            Ok(Packet::PubAck(_)) if !acked => acked = true,
+            Ok(Packet::Publish(publish)) if answer.is_none() => {
                 let response: OffloadResponse = serde_json::from_slice(&publish.payload).unwrap();
                 let correlation = publish.properties.and_then(|p| p.correlation_data).map(|c| c.to_vec());
-                return (response, correlation);
+                answer = Some((response, correlation));
             }
             other => panic!("{other:?}"),
         }
     }
+    answer.expect("the loop ends with an answer")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

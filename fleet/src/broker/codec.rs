@@ -72,8 +72,23 @@ pub enum Inbound {
     Disconnect {
         with_will: bool,
     },
-    /// A packet this broker does not serve (QoS 2 flow, AUTH, a second CONNECT, a topic alias).
-    Unsupported(&'static str),
+    /// A packet or feature this broker does not serve.
+    Unsupported(Unsupported),
+}
+
+/// What a client used that this broker does not serve.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unsupported {
+    /// The QoS 2 flow (PUBREC, PUBREL, PUBCOMP).
+    Qos2,
+    /// MQTT 5 topic aliases (the CONNACK allows none).
+    TopicAlias,
+    /// A second CONNECT on one connection.
+    SecondConnect,
+    /// MQTT 5 enhanced authentication (AUTH).
+    Auth,
+    /// A packet only a server sends.
+    ServerPacket,
 }
 
 /// CONNACK result.
@@ -291,11 +306,11 @@ fn from_v4(packet: v4::Packet) -> Inbound {
         v4::Packet::Unsubscribe(u) => Inbound::Unsubscribe { pkid: u.pkid, filters: u.topics },
         v4::Packet::PingReq => Inbound::PingReq,
         v4::Packet::Disconnect => Inbound::Disconnect { with_will: false },
-        v4::Packet::Connect(_) => Inbound::Unsupported("a second CONNECT"),
+        v4::Packet::Connect(_) => Inbound::Unsupported(Unsupported::SecondConnect),
         v4::Packet::PubRec(_) | v4::Packet::PubRel(_) | v4::Packet::PubComp(_) => {
-            Inbound::Unsupported("QoS 2")
+            Inbound::Unsupported(Unsupported::Qos2)
         }
-        _ => Inbound::Unsupported("a packet only a server sends"),
+        _ => Inbound::Unsupported(Unsupported::ServerPacket),
     }
 }
 
@@ -304,7 +319,7 @@ fn from_v5(packet: v5::Packet) -> Result<Inbound, CodecError> {
         v5::Packet::Publish(p) => {
             let properties = p.properties.unwrap_or_default();
             if properties.topic_alias.is_some() {
-                return Ok(Inbound::Unsupported("topic aliases"));
+                return Ok(Inbound::Unsupported(Unsupported::TopicAlias));
             }
             Inbound::Publish(InPublish {
                 topic: String::from_utf8(p.topic.to_vec())
@@ -327,12 +342,12 @@ fn from_v5(packet: v5::Packet) -> Result<Inbound, CodecError> {
         v5::Packet::Disconnect(d) => Inbound::Disconnect {
             with_will: d.reason_code == v5::DisconnectReasonCode::DisconnectWithWillMessage,
         },
-        v5::Packet::Connect(..) => Inbound::Unsupported("a second CONNECT"),
+        v5::Packet::Connect(..) => Inbound::Unsupported(Unsupported::SecondConnect),
         v5::Packet::PubRec(_) | v5::Packet::PubRel(_) | v5::Packet::PubComp(_) => {
-            Inbound::Unsupported("QoS 2")
+            Inbound::Unsupported(Unsupported::Qos2)
         }
-        v5::Packet::Auth(_) => Inbound::Unsupported("enhanced authentication"),
-        _ => Inbound::Unsupported("a packet only a server sends"),
+        v5::Packet::Auth(_) => Inbound::Unsupported(Unsupported::Auth),
+        _ => Inbound::Unsupported(Unsupported::ServerPacket),
     })
 }
 

@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use super::acl::{may_publish, may_subscribe};
 use super::codec::{
     self, AckReason, CodecError, Connect, ConnectCode, DisconnectReason, InPublish, Inbound, Outbound,
-    Protocol, ServerLimits,
+    Protocol, ServerLimits, Unsupported,
 };
 use super::router::{ClientHandle, Delivery, Router};
 use crate::config::EmbeddedBrokerConfig;
@@ -145,7 +145,7 @@ where
     };
     if will && let Some(will) = &connect.will {
         match may_publish(&device, &will.topic) {
-            Some(TopicKind::Status) => ctx.messages.status(&device, &will.payload).await,
+            Some(TopicKind::Status) => ctx.messages.status(&device, &will.payload, None).await,
             _ => ctx.deny("will"),
         }
     }
@@ -309,13 +309,15 @@ impl Session<'_> {
             Inbound::Unsupported(what) => {
                 tracing::info!(
                     client_id = self.client_id,
-                    what,
+                    ?what,
                     "closing a connection that used an unsupported feature"
                 );
                 let reason = match what {
-                    "QoS 2" => DisconnectReason::QosNotSupported,
-                    "topic aliases" => DisconnectReason::TopicAliasInvalid,
-                    _ => DisconnectReason::ProtocolError,
+                    Unsupported::Qos2 => DisconnectReason::QosNotSupported,
+                    Unsupported::TopicAlias => DisconnectReason::TopicAliasInvalid,
+                    Unsupported::SecondConnect | Unsupported::Auth | Unsupported::ServerPacket => {
+                        DisconnectReason::ProtocolError
+                    }
                 };
                 return Some(End::Abnormal(Some(reason)));
             }
@@ -354,12 +356,10 @@ impl Session<'_> {
                 let _connection_gone = done.send(AckReason::Success);
             }
             TopicKind::Status => {
-                let messages = self.ctx.messages.clone();
-                let device = self.device.to_string();
-                tokio::spawn(async move {
-                    messages.status(&device, &publish.payload).await;
+                let ack: Acknowledge = Box::new(move |_outcome| {
                     let _connection_gone = done.send(AckReason::Success);
                 });
+                self.ctx.messages.status(self.device, &publish.payload, Some(ack)).await;
             }
             TopicKind::OffloadResponse | TopicKind::Assignment => {
                 unreachable!("the ACL admits device → fleet topics only")

@@ -31,6 +31,8 @@ pub enum ExternalError {
     Tls(String),
     #[error("mqtt.external.password: {0}")]
     Password(#[from] tandemd::offload::SecretError),
+    #[error("mqtt.external.password needs a username")]
+    PasswordWithoutUser,
 }
 
 /// The device → fleet topics the fleet subscribes to.
@@ -184,7 +186,11 @@ impl ExternalBroker {
                     }
                 }
                 Ok(Event::Incoming(Packet::Publish(publish))) => {
-                    handle(&client, &epoch, &messages, publish).await;
+                    // Handled beside the event loop, which must keep answering the broker (pings,
+                    // acknowledgements) while ingest is busy. The broker's receive maximum bounds
+                    // how many messages can be outstanding here.
+                    let ack = acknowledger(&client, &epoch, &publish);
+                    tokio::spawn(handle(messages.clone(), publish, ack));
                 }
                 Ok(_) => {}
                 Err(error) => {
@@ -228,14 +234,8 @@ fn publish_needs_no_ack(publish: &Publish) -> bool {
     publish.qos == QoS::AtMostOnce
 }
 
-async fn handle(
-    client: &AsyncClient,
-    epoch: &Arc<AtomicU64>,
-    messages: &Arc<DeviceMessages>,
-    publish: Publish,
-) {
-    let ack = acknowledger(client, epoch, &publish);
-    let topic = String::from_utf8_lossy(&publish.topic);
+async fn handle(messages: Arc<DeviceMessages>, publish: Publish, ack: impl FnOnce() + Send + 'static) {
+    let topic = String::from_utf8_lossy(&publish.topic).into_owned();
     let Some((device, kind)) = parse_device_topic(&topic) else {
         tracing::warn!(%topic, "ignoring a message on an unknown topic");
         ack();
@@ -251,11 +251,8 @@ async fn handle(
             ack();
         }
         TopicKind::Status => {
-            let messages = messages.clone();
-            tokio::spawn(async move {
-                messages.status(&device, &publish.payload).await;
-                ack();
-            });
+            let ack: Acknowledge = Box::new(move |_outcome| ack());
+            messages.status(&device, &publish.payload, Some(ack)).await;
         }
         TopicKind::OffloadResponse | TopicKind::Assignment => ack(),
     }

@@ -63,7 +63,7 @@ struct Shared {
     link: Arc<dyn DeviceLink>,
     budgets: Arc<BudgetBook>,
     record: Mutex<IdempotencyRecord>,
-    permits: Semaphore,
+    permits: Arc<Semaphore>,
     metrics: Arc<FleetMetrics>,
 }
 
@@ -123,7 +123,7 @@ impl Gateway {
                 Duration::from_secs(config.idempotency_ttl_secs),
                 RECORD_CAPACITY,
             )),
-            permits: Semaphore::new(config.max_in_flight),
+            permits: Arc::new(Semaphore::new(config.max_in_flight)),
             metrics,
         });
         let (jobs, queue) = mpsc::channel(config.queue.max(1));
@@ -210,7 +210,7 @@ async fn dispatch(mut queue: mpsc::Receiver<Job>, shared: Arc<Shared>, shutdown:
             Seen::New => {}
         }
         let permit = tokio::select! {
-            permit = shared.permits.acquire() => permit.expect("the semaphore is never closed"),
+            permit = shared.permits.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
             () = shutdown.cancelled() => break,
         };
         if is_expired(&job.request) {
@@ -219,13 +219,12 @@ async fn dispatch(mut queue: mpsc::Receiver<Job>, shared: Arc<Shared>, shutdown:
             shared.lock_record().finish(&job.device, &expired(&job.request), false, Instant::now());
             continue;
         }
-        permit.forget();
         let shared = shared.clone();
         tokio::spawn(async move {
             shared.metrics.gateway_in_flight.inc();
             shared.answer(job).await;
             shared.metrics.gateway_in_flight.dec();
-            shared.permits.add_permits(1);
+            drop(permit);
         });
     }
 }

@@ -19,7 +19,7 @@ pub use validate::{BadEvent, BadMessage, ValidBatch, validate_telemetry};
 
 use crate::config::IngestConfig;
 use crate::metrics::{FleetMetrics, ResultLabels};
-use crate::store::{Store, now_ms};
+use crate::store::{DeviceStatusUpdate, Store, now_ms};
 
 /// How a message ended, told to whoever must acknowledge it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,8 +44,10 @@ impl StoredEvents for () {
     fn stored(&self, _events: &[TelemetryEvent]) {}
 }
 
+/// One message waiting for the writer: a telemetry batch's events, or a device status.
 struct Queued {
     events: Vec<TelemetryEvent>,
+    status: Option<DeviceStatusUpdate>,
     ack: Option<Acknowledge>,
 }
 
@@ -117,8 +119,18 @@ impl Ingest {
                 .get_or_create(&ResultLabels { result: "rejected" })
                 .inc_by(valid.rejected.len() as u64);
         }
+        self.enqueue(Queued { events: valid.events, status: None, ack }).await;
+    }
+
+    /// Takes in a device's status message (already checked). It is written by the same writer as
+    /// the telemetry, in the same transactions: SQLite has one writer at a time.
+    pub async fn submit_status(&self, status: DeviceStatusUpdate, ack: Option<Acknowledge>) {
+        self.enqueue(Queued { events: Vec::new(), status: Some(status), ack }).await;
+    }
+
+    async fn enqueue(&self, queued: Queued) {
         self.metrics.ingest_queue_depth.inc();
-        if self.queue.send(Queued { events: valid.events, ack }).await.is_err() {
+        if self.queue.send(queued).await.is_err() {
             // The writer stopped (shutdown): the message stays unacknowledged and comes again.
             self.metrics.ingest_queue_depth.dec();
         }
@@ -170,15 +182,17 @@ impl Writer {
     /// Returns false when shutdown interrupted the retries (nothing is acknowledged then).
     async fn write(&self, batch: &mut Vec<Queued>) -> bool {
         let mut events = Vec::with_capacity(batch.iter().map(|q| q.events.len()).sum());
+        let mut statuses = Vec::new();
         let mut acks = Vec::with_capacity(batch.len());
         for queued in batch.drain(..) {
             events.extend(queued.events);
+            statuses.extend(queued.status);
             acks.push(queued.ack);
         }
         let mut backoff = Duration::from_millis(100);
         let outcome = loop {
             let started = std::time::Instant::now();
-            match self.store.insert_events(&events, now_ms()).await {
+            match self.store.write_batch(&events, &statuses, now_ms()).await {
                 Ok(outcome) => {
                     self.metrics.db_write_seconds.observe(started.elapsed().as_secs_f64());
                     break outcome;
@@ -196,6 +210,7 @@ impl Writer {
         };
         let now = now_ms();
         let total = events.len();
+        let telemetry_messages = acks.len() - statuses.len();
         let new: Vec<TelemetryEvent> =
             events.into_iter().filter(|e| outcome.inserted.contains(&e.id)).collect();
         for event in &new {
@@ -210,7 +225,7 @@ impl Writer {
         self.metrics
             .ingest_messages
             .get_or_create(&ResultLabels { result: "stored" })
-            .inc_by(acks.len() as u64);
+            .inc_by(telemetry_messages as u64);
         // Listeners first: once a device holds its PUBACK, the gateway already counts its answers.
         if !new.is_empty() {
             self.listener.stored(&new);

@@ -33,6 +33,34 @@ pub struct DeviceStatusUpdate {
     pub at_ms: i64,
 }
 
+/// Writes status messages inside `tx`.
+pub(crate) async fn write_statuses(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    updates: &[DeviceStatusUpdate],
+) -> Result<(), StoreError> {
+    for update in updates {
+        let status = if update.online { "online" } else { "offline" };
+        sqlx::query(
+            "INSERT INTO devices (id, status, status_at_ms, first_seen_ms, last_seen_ms) \
+             VALUES ($1, $2, $3, $3, $3) \
+             ON CONFLICT (id) DO UPDATE SET \
+             status = CASE WHEN devices.status_at_ms IS NULL OR excluded.status_at_ms >= devices.status_at_ms \
+                 THEN excluded.status ELSE devices.status END, \
+             status_at_ms = CASE WHEN devices.status_at_ms IS NULL OR excluded.status_at_ms >= devices.status_at_ms \
+                 THEN excluded.status_at_ms ELSE devices.status_at_ms END, \
+             first_seen_ms = COALESCE(devices.first_seen_ms, excluded.first_seen_ms), \
+             last_seen_ms = CASE WHEN devices.last_seen_ms IS NULL OR excluded.last_seen_ms > devices.last_seen_ms \
+                 THEN excluded.last_seen_ms ELSE devices.last_seen_ms END",
+        )
+        .bind(update.device_id.clone())
+        .bind(status)
+        .bind(update.at_ms)
+        .execute(&mut **tx)
+        .await?;
+    }
+    Ok(())
+}
+
 impl Store {
     /// Records status messages; an older message never overwrites a newer one.
     pub async fn update_device_status(&self, updates: &[DeviceStatusUpdate]) -> Result<(), StoreError> {
@@ -40,26 +68,7 @@ impl Store {
             return Ok(());
         }
         let mut tx = self.pool.begin().await?;
-        for update in updates {
-            let status = if update.online { "online" } else { "offline" };
-            sqlx::query(
-                "INSERT INTO devices (id, status, status_at_ms, first_seen_ms, last_seen_ms) \
-                 VALUES ($1, $2, $3, $3, $3) \
-                 ON CONFLICT (id) DO UPDATE SET \
-                 status = CASE WHEN devices.status_at_ms IS NULL OR excluded.status_at_ms >= devices.status_at_ms \
-                     THEN excluded.status ELSE devices.status END, \
-                 status_at_ms = CASE WHEN devices.status_at_ms IS NULL OR excluded.status_at_ms >= devices.status_at_ms \
-                     THEN excluded.status_at_ms ELSE devices.status_at_ms END, \
-                 first_seen_ms = COALESCE(devices.first_seen_ms, excluded.first_seen_ms), \
-                 last_seen_ms = CASE WHEN devices.last_seen_ms IS NULL OR excluded.last_seen_ms > devices.last_seen_ms \
-                     THEN excluded.last_seen_ms ELSE devices.last_seen_ms END",
-            )
-            .bind(update.device_id.clone())
-            .bind(status)
-            .bind(update.at_ms)
-            .execute(&mut *tx)
-            .await?;
-        }
+        write_statuses(&mut tx, updates).await?;
         tx.commit().await?;
         Ok(())
     }

@@ -9,6 +9,7 @@ use sqlx::any::AnyRow;
 use tandem_core::protocol::{Route, TelemetryBudget, TelemetryEvent, TokenCounts, Transport};
 use uuid::Uuid;
 
+use super::devices::{DeviceStatusUpdate, write_statuses};
 use super::latency::quantize_latency;
 use super::{Store, StoreError, values_placeholders};
 
@@ -75,14 +76,24 @@ fn to_i64(value: u64) -> i64 {
 
 impl Store {
     /// Writes `events` (already validated) and updates their devices, all in one transaction.
-    /// Events whose id is already stored are skipped.
+    /// Events whose id is already stored (or was rolled up) are skipped.
     pub async fn insert_events(
         &self,
         events: &[TelemetryEvent],
         received_ms: i64,
     ) -> Result<InsertOutcome, StoreError> {
+        self.write_batch(events, &[], received_ms).await
+    }
+
+    /// Writes `events` (as [`Store::insert_events`]) and device status messages in one transaction.
+    pub async fn write_batch(
+        &self,
+        events: &[TelemetryEvent],
+        statuses: &[DeviceStatusUpdate],
+        received_ms: i64,
+    ) -> Result<InsertOutcome, StoreError> {
         let mut outcome = InsertOutcome::default();
-        if events.is_empty() {
+        if events.is_empty() && statuses.is_empty() {
             return Ok(outcome);
         }
         // One row per id: PostgreSQL refuses to touch a row twice in one statement.
@@ -168,6 +179,7 @@ impl Store {
             }
             query.execute(&mut *tx).await?;
         }
+        write_statuses(&mut tx, statuses).await?;
         tx.commit().await?;
         Ok(outcome)
     }

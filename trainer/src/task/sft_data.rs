@@ -1,7 +1,8 @@
 //! Warm-start data: prompt/completion pairs for supervised fine-tuning before RL.
 //!
 //! For Countdown the completions are worked solutions written from core's exhaustive solver, in
-//! Template I's format (`<think>` with one line per operation, then the expression in `<answer>`).
+//! Template I's format: `<think>` restating the numbers and the target, then one line per operation,
+//! then the expression in `<answer>`.
 //! A configurable share of the examples instead shows a failed attempt (random operations that miss
 //! the target) and ends with the help marker, on problems picked at random. So the warm-started
 //! policy reasons first and decides at the end, between `<answer>` and the marker, as the paper's
@@ -43,7 +44,17 @@ pub enum SftDataError {
 pub fn countdown_worked_solution(problem: &CountdownProblem) -> Option<String> {
     let expr = solve_expr(problem)?;
     let steps = expr.steps()?;
-    Some(format!("{THINK_OPEN}\n{}\n{THINK_CLOSE}\n{ANSWER_OPEN} {expr} {ANSWER_CLOSE}", steps.join("\n")))
+    Some(format!(
+        "{THINK_OPEN}\n{}\n{}\n{THINK_CLOSE}\n{ANSWER_OPEN} {expr} {ANSWER_CLOSE}",
+        restatement(problem),
+        steps.join("\n")
+    ))
+}
+
+/// The first line of a worked response: the problem in the response's own words.
+fn restatement(problem: &CountdownProblem) -> String {
+    let numbers = problem.numbers.iter().map(u32::to_string).collect::<Vec<_>>().join(", ");
+    format!("The numbers are {numbers} and the target is {}.", problem.target)
 }
 
 /// A response that tries random operations, misses the target and asks for help, in Template I's
@@ -52,7 +63,7 @@ pub fn countdown_help_completion(problem: &CountdownProblem, rng: &mut impl Rng)
     let attempt = (0..20).find_map(|_| failed_attempt(problem, rng)).unwrap_or_default();
     let lines =
         if attempt.is_empty() { "I cannot reach the target.".to_string() } else { attempt.join("\n") };
-    format!("{THINK_OPEN}\n{lines}\n{THINK_CLOSE}\n{HELP_MARKER}")
+    format!("{THINK_OPEN}\n{}\n{lines}\n{THINK_CLOSE}\n{HELP_MARKER}", restatement(problem))
 }
 
 /// The steps of a random `+ − ×` combination of all the numbers, when its value is not the target.

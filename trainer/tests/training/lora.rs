@@ -66,7 +66,12 @@ fn merged_lora_weights_reproduce_the_adapted_logits() {
         )
         .unwrap();
         let diff = max_diff(&adapted, &merged.full_logits(&ids()).unwrap());
-        assert!(diff < 1e-5, "{preset:?}: merged vs adapted max |diff| {diff}");
+        // f32 rounding only: W·x + B·(A·x) and (W + B·A)·x sum in different orders.
+        let scale = adapted.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap().max(1.0);
+        assert!(
+            diff < 1e-5 * scale,
+            "{preset:?}: merged vs adapted max |diff| {diff} at logit scale {scale}"
+        );
         let base = HfCheckpoint::open(dir.path()).unwrap();
         let original =
             Decoder::load(&base.config, base.weights(DType::F32, &Device::Cpu).unwrap(), 0.0).unwrap();
@@ -81,7 +86,7 @@ fn merged_lora_weights_reproduce_the_adapted_logits() {
         let reloaded =
             Decoder::load(&saved.config, saved.weights(DType::F32, &Device::Cpu).unwrap(), 0.0).unwrap();
         let diff = max_diff(&adapted, &reloaded.full_logits(&ids()).unwrap());
-        assert!(diff < 1e-5, "{preset:?}: the saved merged checkpoint differs by {diff}");
+        assert!(diff < 1e-5 * scale, "{preset:?}: the saved merged checkpoint differs by {diff}");
     }
 }
 

@@ -72,7 +72,7 @@ reward_version = "v1"
 [rollout]
 prompts_per_step = 3
 group_size = 4
-max_new_tokens = 24
+max_new_tokens = 56
 
 [optimizer]
 lr = 1e-3

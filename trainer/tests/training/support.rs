@@ -7,6 +7,7 @@ use candle_core::Device;
 use rand::SeedableRng;
 use tandem_core::tasks::countdown::{CountdownGenerator, CountdownProblem, GeneratorConfig};
 use tandem_core::tasks::dataset::{TaskRecord, write_records};
+use tandem_core::tasks::templates::PromptTemplate;
 use tandem_train::chat_format::ChatFormat;
 use tandem_train::model::TrainableModel;
 use tandem_train::model::presets::Preset;
@@ -20,7 +21,15 @@ pub const INIT_STD: f64 = 0.2;
 pub fn tiny_model(dir: &Path, preset: Preset, seed: u64) -> TrainableModel {
     let model = TrainableModel::random(&preset.config(), INIT_STD, seed, &Device::Cpu).unwrap();
     model.save(dir).unwrap();
-    train_bpe_tokenizer(DEFAULT_CORPUS, 400, &dir.join("tokenizer.json")).unwrap();
+    // The prompts the tests use, as often as they see them, so they take few tokens (short tests).
+    let mut corpus = DEFAULT_CORPUS.to_string();
+    for problem in problems(200, 1) {
+        corpus.push_str(&PromptTemplate::COUNTDOWN.system_prompt());
+        corpus.push('\n');
+        corpus.push_str(&PromptTemplate::COUNTDOWN.user_prompt(&problem.question()));
+        corpus.push('\n');
+    }
+    train_bpe_tokenizer(&corpus, 512, &dir.join("tokenizer.json")).unwrap();
     std::fs::write(dir.join("tokenizer_config.json"), tokenizer_config_json()).unwrap();
     model
 }
