@@ -13,8 +13,14 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+use tandem_core::bundle::signature::{SigningKey, public_key_file, sign_manifest};
+use tandem_core::bundle::{
+    BUNDLE_FORMAT_VERSION, BundleManifest, DecoderIo, FileDigest, MANIFEST_FILE, MODEL_FILE,
+    ModelArchitecture, TOKENIZER_FILE,
+};
 use tandemd::config::{CliOverrides, ConfigFile, ConfigSources, DaemonConfig, load};
 use tandemd::engine::ProviderConfig;
+use tandemd::engine::tensorrt_profile::TrtProfile;
 use tandemd::offload::SecretSource;
 
 /// The binaries the units start; stubs stand in for them in the scratch root.
@@ -300,8 +306,19 @@ fn the_jetson_config_runs_tensorrt_then_cuda_strictly_in_fp16() {
     let engine = &config.engine;
     assert!(matches!(
         engine.execution_providers.as_slice(),
-        [ProviderConfig::TensorRt { fp16: true, engine_cache_dir: Some(_), .. }, ProviderConfig::Cuda { .. }]
+        [
+            ProviderConfig::TensorRt {
+                fp16: true,
+                engine_cache_dir: Some(_),
+                profile_max_tokens: Some(_),
+                ..
+            },
+            ProviderConfig::Cuda { .. }
+        ]
     ));
+    let profile =
+        TrtProfile::of_engine(engine, None).expect("a usable TensorRT profile").expect("an explicit one");
+    assert!(profile.max_tokens >= 1024, "long enough for a prompt plus an answer: {profile:?}");
     assert!(engine.strict_providers);
     assert!((1..=12).contains(&engine.intra_threads), "an Orin has 6 to 12 cores");
     assert!(config.cloud.is_enabled() && config.budget.cloud_fraction > 0.0);
@@ -371,6 +388,91 @@ fn prepare_refuses_an_invalid_config_before_looking_for_a_gpu() {
         .args(["--model", "/nonexistent/model"]));
     assert_eq!(output.status.code(), Some(2));
     assert!(text(&output.stderr).contains("model_dir"), "{}", text(&output.stderr));
+}
+
+/// A bundle of a placeholder graph and tokenizer in `dir`, signed by `key`: enough for the trust
+/// check, which runs before anything parses the files.
+fn write_signed_bundle(dir: &Path, key: &SigningKey) {
+    let files = [(MODEL_FILE, &b"graph"[..]), (TOKENIZER_FILE, &b"{}"[..])];
+    for (name, bytes) in files {
+        fs::write(dir.join(name), bytes).unwrap();
+    }
+    let mut manifest = BundleManifest {
+        format: BUNDLE_FORMAT_VERSION,
+        name: "orin-policy".into(),
+        version: "3".into(),
+        architecture: ModelArchitecture {
+            model_type: "qwen2".into(),
+            vocab_size: 512,
+            hidden_size: 64,
+            intermediate_size: 128,
+            num_hidden_layers: 2,
+            num_attention_heads: 4,
+            num_key_value_heads: 2,
+            head_dim: 16,
+            context_length: 256,
+            tie_word_embeddings: true,
+        },
+        chat_template: None,
+        help_marker: tandem_core::help_marker::HELP_MARKER.into(),
+        eos_token_ids: vec![2],
+        io: DecoderIo { position_ids: true, kv_dtype: "float16".into(), opset: 17 },
+        files: files
+            .into_iter()
+            .map(|(name, bytes)| (name.to_string(), FileDigest::of_bytes(bytes)))
+            .collect(),
+        provenance: Default::default(),
+        evaluation: Default::default(),
+        signature: None,
+    };
+    sign_manifest(&mut manifest, key);
+    fs::write(dir.join(MANIFEST_FILE), manifest.to_json_pretty()).unwrap();
+}
+
+/// `tandemd prepare` for the bundle in `model` with a TensorRT provider and `trusted_key` trusted.
+fn prepare_trusting(work: &Path, model: &Path, trusted_key: &Path) -> Output {
+    let config = work.join("tandemd.toml");
+    let text = format!(
+        "state_dir = {state:?}\ntrusted_bundle_keys = [{trusted_key:?}]\n\n[engine]\nexecution_providers = \
+         [{{ kind = \"tensorrt\", fp16 = true, engine_cache_dir = {cache:?} }}]\n",
+        state = work.join("state"),
+        cache = work.join("trt"),
+    );
+    fs::write(&config, text).unwrap();
+    let secrets = credentials_dir();
+    run(tandemd_command(Path::new(tandemd()), secrets.path())
+        .args(["prepare", "--config"])
+        .arg(&config)
+        .arg("--model")
+        .arg(model))
+}
+
+#[test]
+fn prepare_refuses_a_tampered_bundle_before_looking_for_a_gpu() {
+    let work = tempfile::tempdir().unwrap();
+    let model = work.path().join("model");
+    fs::create_dir(&model).unwrap();
+    let key = SigningKey::from_bytes(&[7; 32]);
+    write_signed_bundle(&model, &key);
+    let trusted = work.path().join("release.pub");
+    fs::write(&trusted, public_key_file(&key.verifying_key())).unwrap();
+
+    // Intact, the bundle passes and prepare goes on to need TensorRT, which this machine lacks.
+    let intact = prepare_trusting(work.path(), &model, &trusted);
+    assert!(text(&intact.stdout).contains("bundle orin-policy v3 verified"), "{}", text(&intact.stdout));
+    assert!(!text(&intact.stderr).contains("refusing"), "{}", text(&intact.stderr));
+
+    fs::write(model.join(MODEL_FILE), b"GRAPH").unwrap();
+    let tampered = prepare_trusting(work.path(), &model, &trusted);
+    let stderr = text(&tampered.stderr);
+    assert_eq!(tampered.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("refusing to load bundle orin-policy v3"), "{stderr}");
+    assert!(stderr.contains("model.onnx has sha256"), "{stderr}");
+    assert!(
+        !stderr.contains("TensorRT") && !stderr.contains("GPU"),
+        "refused before the GPU checks: {stderr}"
+    );
+    assert!(!work.path().join("trt").exists(), "nothing was prepared");
 }
 
 /// Runs the package's ONNX Runtime finder against a fake root holding `files`.

@@ -5,8 +5,9 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use tandem_core::protocol::{OffloadOutcome, OffloadRequest, OffloadResponse, PROTOCOL_VERSION, TopicKind};
-use tandemd::mqtt::DeviceStatus;
+use tandem_core::protocol::{
+    DeviceStatus, OffloadOutcome, OffloadRequest, OffloadResponse, PROTOCOL_VERSION, TopicKind,
+};
 
 use crate::device_link::DeviceLink;
 use crate::gateway::{Gateway, OffloadArrival};

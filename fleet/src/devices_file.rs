@@ -54,8 +54,10 @@ struct DevicesFileText {
 /// Why the devices file cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum DevicesFileError {
-    #[error("cannot read the devices file {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    // `cause` rather than `source`: the message already carries it, so a printed error chain does
+    // not say it twice.
+    #[error("cannot read the devices file {path}: {cause}")]
+    Read { path: PathBuf, cause: std::io::Error },
     #[error("the devices file {path} is not valid: {message}")]
     Parse { path: PathBuf, message: String },
     #[error("the devices file {path}: {message}")]
@@ -81,7 +83,7 @@ impl Devices {
     /// Reads and checks the file.
     pub fn load(path: &Path) -> Result<Self, DevicesFileError> {
         let text = std::fs::read_to_string(path)
-            .map_err(|source| DevicesFileError::Read { path: path.into(), source })?;
+            .map_err(|cause| DevicesFileError::Read { path: path.into(), cause })?;
         Self::parse(&text).map_err(|e| match e {
             ParseError::Toml(message) => DevicesFileError::Parse { path: path.into(), message },
             ParseError::Invalid(message) => DevicesFileError::Invalid { path: path.into(), message },

@@ -123,7 +123,11 @@ fn main() -> ExitCode {
             eprintln!("tandem-fleet: {error:#}");
             let user_error = error
                 .chain()
-                .any(|cause| cause.is::<tandem_fleet::config::ConfigError>() || cause.is::<InvalidConfig>());
+                .any(|cause| {
+                    cause.is::<tandem_fleet::config::ConfigError>()
+                        || cause.is::<InvalidConfig>()
+                        || cause.is::<tandem_fleet::devices_file::DevicesFileError>()
+                });
             ExitCode::from(if user_error { 2 } else { 1 })
         }
     }
@@ -251,11 +255,18 @@ async fn serve(config: FleetConfig) -> anyhow::Result<()> {
     let shutdown = fleet.shutdown_token();
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("cannot listen for SIGTERM")?;
+    // tandem-fleet.service is Type=notify with a watchdog: ready once every listener is bound.
+    tandemd::ops::notify_ready("serving");
+    let watchdog = tandemd::ops::spawn_watchdog(shutdown.clone().cancelled_owned());
     tokio::select! {
         _ = terminate.recv() => tracing::info!("SIGTERM: stopping"),
         _ = tokio::signal::ctrl_c() => tracing::info!("interrupted: stopping"),
         () = shutdown.cancelled() => {}
     }
+    tandemd::ops::notify_stopping("stopping");
     fleet.stop().await;
+    if let Some(watchdog) = watchdog {
+        watchdog.abort();
+    }
     Ok(())
 }

@@ -46,6 +46,25 @@ fn check_config_accepts_a_valid_file_and_names_every_problem_of_a_bad_one() {
 }
 
 #[test]
+fn the_shipped_configuration_passes_check_config_once_its_devices_file_exists() {
+    let shipped =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../configs/tandem-fleet.toml"))
+            .expect("configs/tandem-fleet.toml");
+    // check-config reads the devices file, which exists only on a fleet host.
+    let installed_devices = "\"/etc/tandem/fleet-devices.toml\"";
+    assert!(shipped.contains(installed_devices), "the shipped devices_file moved: update this test");
+    let dir = tempfile::tempdir().unwrap();
+    let devices = dir.path().join("fleet-devices.toml");
+    std::fs::write(&devices, "").unwrap();
+    let config = dir.path().join("fleet.toml");
+    std::fs::write(&config, shipped.replace(installed_devices, &format!("{:?}", devices.to_str().unwrap())))
+        .unwrap();
+    let output = fleet(&["check-config", "--config", config.to_str().unwrap()], "");
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    assert!(text(&output.stdout).contains("embedded broker"), "{}", text(&output.stdout));
+}
+
+#[test]
 fn print_config_prints_the_effective_configuration_as_toml() {
     let output = fleet(&["print-config", "--config", "/dev/null"], "");
     assert!(output.status.success(), "{}", text(&output.stderr));
@@ -69,4 +88,78 @@ fn mosquitto_acl_confines_devices_to_their_own_topics() {
     let acl = text(&output.stdout);
     assert!(acl.contains("user fleet\n"), "{acl}");
     assert!(acl.contains("pattern write tandem/v1/devices/%u/telemetry\n"), "{acl}");
+}
+
+/// `serve` under systemd's `Type=notify` with a watchdog (tandem-fleet.service): READY=1 once
+/// listening, WATCHDOG=1 pings, STOPPING=1 on SIGTERM, and a clean exit.
+#[test]
+fn serve_tells_systemd_it_is_ready_pings_the_watchdog_and_says_when_it_stops() {
+    use std::os::unix::net::UnixDatagram;
+    use std::time::Duration;
+
+    let dir = tempfile::tempdir().unwrap();
+    let socket_path = dir.path().join("notify.sock");
+    let socket = UnixDatagram::bind(&socket_path).unwrap();
+    socket.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    let free = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let config = dir.path().join("fleet.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[store]\nurl = \"sqlite://{}\"\n[api]\nlisten = \"{}\"\n[mqtt.embedded]\nlisten = \"{}\"\nallow_anonymous = true\n",
+            dir.path().join("fleet.db").display(),
+            free(),
+            free()
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tandem-fleet"))
+        .args(["serve", "--config", config.to_str().unwrap()])
+        .env("NOTIFY_SOCKET", &socket_path)
+        .env("WATCHDOG_USEC", "200000")
+        .env_remove("WATCHDOG_PID")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut received = Vec::new();
+    let mut buffer = [0u8; 4096];
+    let mut wait_for = |wanted: &str, received: &mut Vec<String>| {
+        while !received.iter().any(|m| m.lines().any(|l| l == wanted)) {
+            let n = socket.recv(&mut buffer).unwrap_or_else(|e| panic!("no {wanted} (got {received:?}): {e}"));
+            received.push(String::from_utf8_lossy(&buffer[..n]).into_owned());
+        }
+    };
+    wait_for("READY=1", &mut received);
+    wait_for("WATCHDOG=1", &mut received);
+    let ready = received.iter().position(|m| m.contains("READY=1")).unwrap();
+    let ping = received.iter().position(|m| m.contains("WATCHDOG=1")).unwrap();
+    assert!(ready < ping, "ready before the first ping: {received:?}");
+    let killed = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    assert!(killed.success());
+    wait_for("STOPPING=1", &mut received);
+    let status = child.wait().unwrap();
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    assert!(status.success(), "{status:?}: {stderr}");
+}
+
+#[test]
+fn check_config_with_a_missing_devices_file_exits_2_and_says_so_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("fleet.toml");
+    let missing = dir.path().join("devices.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "devices_file = \"{}\"\n[store]\nurl = \"sqlite://x.db\"\n[mqtt.embedded]\nallow_anonymous = true\n",
+            missing.display()
+        ),
+    )
+    .unwrap();
+    let output = fleet(&["check-config", "--config", config.to_str().unwrap()], "");
+    assert_eq!(output.status.code(), Some(2), "{}", text(&output.stderr));
+    let errors = text(&output.stderr);
+    assert!(errors.contains("devices.toml"), "{errors}");
+    assert_eq!(errors.matches("No such file").count(), 1, "{errors}");
 }

@@ -9,10 +9,11 @@ use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::mqttbytes::v5::{Filter, Packet, Publish, PublishProperties};
 use rumqttc::v5::{AsyncClient, Event, MqttOptions};
 use tandem_core::protocol::{
-    ChatMessage, DeviceTopics, OffloadOutcome, OffloadRequest, OffloadResponse, PROTOCOL_VERSION, Route,
-    TelemetryBatch, TelemetryBudget, TelemetryEvent, TokenCounts, TopicKind, Transport, parse_device_topic,
+    ChatMessage, DeviceStatus, DeviceTopics, OffloadOutcome, OffloadRequest, OffloadResponse,
+    PROTOCOL_VERSION, Route, TelemetryBatch, TelemetryBudget, TelemetryEvent, TokenCounts, TopicKind,
+    Transport, parse_device_topic,
 };
-use tandemd::mqtt::{DeviceStatus, MqttConfig, MqttLink, MqttLinkError, MqttProtocol, PublishOptions};
+use tandemd::mqtt::{MqttConfig, MqttLink, MqttLinkError, MqttProtocol, PublishOptions};
 use tandemd::offload::{MqttOffload, OffloadError, OffloadTransport};
 use tandemd::telemetry::{MqttTelemetryPublisher, PublishError, TelemetryPublisher};
 use tokio::sync::{mpsc, watch};

@@ -3,10 +3,12 @@
 //! ([`json_schemas`]) and a test keeps the document current.
 
 mod offload;
+mod status;
 mod telemetry;
 mod topics;
 
 pub use offload::{ChatMessage, OffloadOutcome, OffloadRequest, OffloadResponse};
+pub use status::DeviceStatus;
 pub use telemetry::{
     BudgetState as TelemetryBudget, Route, TelemetryBatch, TelemetryEvent, TokenCounts, Transport,
 };
@@ -24,5 +26,6 @@ pub fn json_schemas() -> Vec<(&'static str, serde_json::Value)> {
         ("OffloadRequest", schema::<OffloadRequest>()),
         ("OffloadResponse", schema::<OffloadResponse>()),
         ("TelemetryBatch", schema::<TelemetryBatch>()),
+        ("DeviceStatus", schema::<DeviceStatus>()),
     ]
 }

@@ -1,10 +1,15 @@
 //! `tandemd prepare`: builds the TensorRT engines and timing cache for the configured model ahead of
 //! time, so that no request ever waits minutes for an engine build.
 //!
+//! Like `serve`, it first checks the bundle against the configured `trusted_bundle_keys`
+//! ([`tandemd::bundle_trust::check_before_loading`]) and refuses an unsigned or altered one before
+//! anything reads the model, on any machine, GPU or not.
+//!
 //! It loads the model with the configured providers (TensorRT required), its engine cache pointed at
 //! the directory keyed by model, ONNX Runtime, TensorRT, GPU and precision
 //! ([`tandemd::engine::tensorrt_cache`]), then runs forward passes at both ends of every dynamic
-//! dimension. Each step is reported on stdout and to systemd (`STATUS=`), and extends systemd's start
+//! dimension of the profile: the configured one (`profile_max_tokens`), which `serve` uses too, else
+//! one up to the model's context length or `--max-tokens`. Each step is reported on stdout and to systemd (`STATUS=`), and extends systemd's start
 //! timeout (`EXTEND_TIMEOUT_USEC=`) when run as the unit's `ExecStartPre=`. A finished directory is
 //! recorded in `prepared.json`; running again returns at once.
 
@@ -14,16 +19,13 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use clap::Args;
 use sd_notify::NotifyState;
+use tandemd::bundle_trust::check_before_loading;
 use tandemd::config::{CliOverrides, ConfigSources, DaemonConfig, load};
-use tandemd::engine::tensorrt_cache::{
-    KeyedEngineConfig, PreparedCache, ShapePass, TrtCacheKey, TrtProfile, resolve_cache_dirs,
-};
+use tandemd::engine::tensorrt_cache::{KeyedEngineConfig, PreparedCache, TrtCacheKey, resolve_cache_dirs};
+use tandemd::engine::tensorrt_profile::{DEFAULT_OPT_TOKENS, ShapePass, TrtProfile};
 use tandemd::engine::{
     Engine, EngineError, ForwardInput, LogitsScope, ModelDir, OrtRuntime, ProviderConfig, load_ort,
 };
-
-/// Past length the decode step is optimised for when `--opt-tokens` is not given.
-const DEFAULT_OPT_TOKENS: usize = 512;
 
 /// How long systemd waits for each step before giving up (EXTEND_TIMEOUT_USEC holds a u32 of
 /// microseconds, so at most about 71 minutes). A step that needs longer is run by hand once:
@@ -43,11 +45,13 @@ pub struct PrepareArgs {
     /// Model directory to prepare (overrides `model_dir`).
     #[arg(long, value_name = "DIR")]
     model: Option<PathBuf>,
-    /// Longest prompt plus generation to build for (default: the model's context length). Longer
+    /// Longest prompt plus generation to build for (default: the tensorrt provider's
+    /// profile_max_tokens, else the model's context length). Without profile_max_tokens, longer
     /// requests make ONNX Runtime rebuild the engine while they wait.
     #[arg(long, value_name = "TOKENS")]
     max_tokens: Option<usize>,
-    /// Context length the decode step is optimised for (default: 512, or --max-tokens if smaller).
+    /// Context length the decode step is optimised for (default: the provider's profile_opt_tokens,
+    /// else 512, or --max-tokens if smaller).
     #[arg(long, value_name = "TOKENS")]
     opt_tokens: Option<usize>,
     /// Build again even when the cache directory records a finished preparation.
@@ -64,23 +68,30 @@ pub fn run(args: PrepareArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     require_cache_dirs(&config)?;
+    let model_dir = config.model_dir.clone().context("no model directory is configured")?;
+    if let Some(bundle) = check_before_loading(&model_dir, &config.trusted_bundle_keys)? {
+        println!("bundle {} v{} verified (signed by key {})", bundle.name, bundle.version, bundle.key_id);
+    }
     require_gpu_build().context("cannot prepare TensorRT engines")?;
 
-    let model_dir = config.model_dir.clone().context("no model directory is configured")?;
     let started = Instant::now();
     let mut progress = Progress::new(5);
     progress.step("loading ONNX Runtime and reading the model directory");
     let runtime = load_ort(config.engine.ort_library.as_deref())?;
     require_tensorrt(&runtime)?;
     let model = ModelDir::inspect(&model_dir)?;
-    let profile = profile_for(&args, &model)?;
+    let configured =
+        TrtProfile::of_engine(&config.engine, model.context_length).map_err(EngineError::TrtProfile)?;
+    let profile = profile_for(&args, &model, configured)?;
     let KeyedEngineConfig { config: mut engine_config, caches } =
         resolve_cache_dirs(&config.engine, &model, &runtime)?;
     for (key, dir) in &caches {
         println!("engine cache: {} ({})", dir.display(), describe(key));
     }
     if !args.force
-        && caches.iter().all(|(key, dir)| PreparedCache::read(dir).is_some_and(|p| p.covers(key, &profile)))
+        && caches.iter().all(|(key, dir)| {
+            PreparedCache::read(dir).is_some_and(|p| p.covers(key, &profile, configured.is_some()))
+        })
     {
         println!("already prepared for up to {} tokens; nothing to build", profile.max_tokens);
         return Ok(());
@@ -88,7 +99,11 @@ pub fn run(args: PrepareArgs) -> anyhow::Result<()> {
 
     // Falling back to CUDA or the CPU here would silently build nothing.
     engine_config.strict_providers = true;
-    progress.step("creating the TensorRT session (static-shape engines are built now)");
+    progress.step(if configured.is_some() {
+        "creating the TensorRT session (the engine for the configured profile is built now)"
+    } else {
+        "creating the TensorRT session (static-shape engines are built now)"
+    });
     let mut engine = Engine::load(&model_dir, &engine_config)
         .with_context(|| format!("could not load {} with TensorRT", model_dir.display()))?;
     let shapes = profile.shapes(engine.layout());
@@ -104,6 +119,7 @@ pub fn run(args: PrepareArgs) -> anyhow::Result<()> {
         let record = PreparedCache {
             key: key.clone(),
             profile,
+            explicit: configured.is_some(),
             shapes: shapes.clone(),
             model_dir: model.root.clone(),
             tandemd_version: env!("CARGO_PKG_VERSION").to_string(),
@@ -172,7 +188,26 @@ fn require_tensorrt(_runtime: &OrtRuntime) -> anyhow::Result<()> {
     Err(EngineError::GpuSupportNotBuilt { provider: "tensorrt".to_string() }.into())
 }
 
-fn profile_for(args: &PrepareArgs, model: &ModelDir) -> Result<TrtProfile, EngineError> {
+/// The configured explicit profile, which `serve` builds its engine for too, else the one the flags
+/// and the model's context length give.
+fn profile_for(
+    args: &PrepareArgs,
+    model: &ModelDir,
+    configured: Option<TrtProfile>,
+) -> Result<TrtProfile, EngineError> {
+    if let Some(profile) = configured {
+        let differs = args.max_tokens.is_some_and(|max| max != profile.max_tokens)
+            || args.opt_tokens.is_some_and(|opt| opt != profile.opt_tokens);
+        if differs {
+            return Err(EngineError::Config(format!(
+                "the configuration fixes the TensorRT profile (profile_max_tokens = {}, profile_opt_tokens = \
+                 {}), and `serve` would not use an engine built for other lengths; drop --max-tokens and \
+                 --opt-tokens, or change the profile in the configuration",
+                profile.max_tokens, profile.opt_tokens
+            )));
+        }
+        return Ok(profile);
+    }
     let max_tokens = match (args.max_tokens, model.context_length) {
         (Some(max), _) => max,
         (None, Some(context)) => context,
@@ -185,6 +220,7 @@ fn profile_for(args: &PrepareArgs, model: &ModelDir) -> Result<TrtProfile, Engin
         }
     };
     TrtProfile::new(max_tokens, args.opt_tokens.unwrap_or(DEFAULT_OPT_TOKENS.min(max_tokens)))
+        .map_err(|error| EngineError::Config(format!("--max-tokens / --opt-tokens: {error}")))
 }
 
 /// One forward pass with `pass.new_tokens` on top of a cache of `pass.past_tokens` (filled by a
@@ -276,19 +312,30 @@ mod tests {
 
     #[test]
     fn the_profile_defaults_to_the_models_context_length() {
-        let profile = profile_for(&args(None, None), &model_with_context(Some(4096))).unwrap();
+        let profile = profile_for(&args(None, None), &model_with_context(Some(4096)), None).unwrap();
         assert_eq!(profile, TrtProfile { max_tokens: 4096, opt_tokens: 512 });
-        let short = profile_for(&args(None, None), &model_with_context(Some(256))).unwrap();
+        let short = profile_for(&args(None, None), &model_with_context(Some(256)), None).unwrap();
         assert_eq!(short, TrtProfile { max_tokens: 256, opt_tokens: 256 });
-        let capped = profile_for(&args(Some(2048), Some(128)), &model_with_context(Some(4096))).unwrap();
+        let capped =
+            profile_for(&args(Some(2048), Some(128)), &model_with_context(Some(4096)), None).unwrap();
         assert_eq!(capped, TrtProfile { max_tokens: 2048, opt_tokens: 128 });
     }
 
     #[test]
     fn a_model_without_a_context_length_needs_max_tokens() {
-        let text = profile_for(&args(None, None), &model_with_context(None)).unwrap_err().to_string();
+        let text = profile_for(&args(None, None), &model_with_context(None), None).unwrap_err().to_string();
         assert!(text.contains("--max-tokens"), "{text}");
-        assert!(profile_for(&args(Some(1024), None), &model_with_context(None)).is_ok());
+        assert!(profile_for(&args(Some(1024), None), &model_with_context(None), None).is_ok());
+    }
+
+    #[test]
+    fn a_configured_profile_is_prepared_and_flags_may_only_repeat_it() {
+        let configured = TrtProfile { max_tokens: 2048, opt_tokens: 256 };
+        let model = model_with_context(Some(4096));
+        assert_eq!(profile_for(&args(None, None), &model, Some(configured)).unwrap(), configured);
+        assert_eq!(profile_for(&args(Some(2048), Some(256)), &model, Some(configured)).unwrap(), configured);
+        let text = profile_for(&args(Some(4096), None), &model, Some(configured)).unwrap_err().to_string();
+        assert!(text.contains("profile_max_tokens = 2048") && text.contains("--max-tokens"), "{text}");
     }
 
     #[test]

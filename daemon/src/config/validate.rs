@@ -1,5 +1,6 @@
 //! Checks that a loaded configuration can run, with messages that say why it cannot and what to
-//! change. Reads secrets and looks at paths; never binds a port or loads a model.
+//! change. Reads secrets, looks at paths and reads the model directory's metadata; never binds a
+//! port or loads a model.
 
 use std::fmt;
 
@@ -7,6 +8,8 @@ use tandem_core::protocol::Transport;
 
 use super::{DaemonConfig, is_device_id_char};
 use crate::bundle_trust::load_trusted_keys;
+use crate::engine::tensorrt_profile::TrtProfile;
+use crate::engine::{ModelDir, ProviderConfig};
 use crate::offload::read_secret;
 use crate::telemetry::TelemetryTransport;
 
@@ -45,6 +48,19 @@ impl fmt::Display for ValidationError {
 }
 
 impl DaemonConfig {
+    /// The configured model's context length, when its directory says (only the metadata is read).
+    /// A directory that cannot be inspected is left for loading to report.
+    fn model_context_length(&self) -> Option<usize> {
+        let needed =
+            self.engine.execution_providers.iter().any(|provider| {
+                matches!(provider, ProviderConfig::TensorRt { profile_max_tokens: Some(_), .. })
+            });
+        if !needed {
+            return None;
+        }
+        ModelDir::inspect(self.model_dir.as_deref()?).ok()?.context_length
+    }
+
     /// Checks everything `tandemd serve` will rely on; lists every problem found.
     pub fn validate(&self) -> Result<(), ValidationError> {
         let mut problems = Vec::new();
@@ -139,6 +155,9 @@ impl DaemonConfig {
                 "engine.execution_providers",
                 "the list is empty; give at least `[{ kind = \"cpu\" }]`".to_string(),
             );
+        }
+        if let Err(error) = TrtProfile::of_engine(&self.engine, self.model_context_length()) {
+            problem("engine.execution_providers", format!("the tensorrt profile does not fit: {error}"));
         }
 
         if self.mqtt.is_none() {
@@ -302,6 +321,42 @@ mod tests {
             keys(&config),
             ["device_id", "model_dir", "server.max_queue", "generation.max_tokens", "logging.level"]
         );
+    }
+
+    fn with_tensorrt_profile(config: &mut DaemonConfig, max: Option<usize>, opt: Option<usize>) {
+        config.engine.execution_providers = vec![ProviderConfig::TensorRt {
+            fp16: true,
+            engine_cache_dir: None,
+            device_id: 0,
+            profile_max_tokens: max,
+            profile_opt_tokens: opt,
+        }];
+    }
+
+    #[test]
+    fn a_tensorrt_profile_whose_opt_length_exceeds_its_longest_is_refused() {
+        let (_dir, mut config) = runnable();
+        with_tensorrt_profile(&mut config, Some(512), Some(1024));
+        let text = config.validate().unwrap_err().to_string();
+        assert_eq!(keys(&config), ["engine.execution_providers"]);
+        assert!(text.contains("1024") && text.contains("512"), "{text}");
+        with_tensorrt_profile(&mut config, None, Some(256));
+        assert!(config.validate().unwrap_err().to_string().contains("without profile_max_tokens"));
+        with_tensorrt_profile(&mut config, Some(2048), Some(512));
+        config.validate().unwrap();
+    }
+
+    #[test]
+    fn a_tensorrt_profile_beyond_the_models_context_is_refused_when_the_model_says_it() {
+        let (dir, mut config) = runnable();
+        with_tensorrt_profile(&mut config, Some(4096), None);
+        config.validate().unwrap();
+        std::fs::write(dir.path().join("model.onnx"), b"graph").unwrap();
+        std::fs::write(dir.path().join("config.json"), br#"{"max_position_embeddings": 2048}"#).unwrap();
+        let text = config.validate().unwrap_err().to_string();
+        assert!(text.contains("4096") && text.contains("context length of 2048"), "{text}");
+        with_tensorrt_profile(&mut config, Some(2048), None);
+        config.validate().unwrap();
     }
 
     #[test]

@@ -94,6 +94,18 @@ pub enum ProviderConfig {
         /// CUDA device index.
         #[serde(default)]
         device_id: i32,
+        /// Longest sequence (prompt plus generated tokens) the engine is built for, at most the
+        /// model's context length. Set, TensorRT builds one engine with an explicit optimisation
+        /// profile covering every length from one token up to this, and longer requests are refused
+        /// as over the context; unset, ONNX Runtime widens an implicit profile as requests grow and
+        /// rebuilds the engine each time (`tandemd prepare` then builds ahead).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        profile_max_tokens: Option<usize>,
+        /// Context length the explicit profile's kernels are tuned for (decoding at this length is
+        /// fastest): between 1 and `profile_max_tokens`, which it needs. Default: 512, or
+        /// `profile_max_tokens` when that is smaller.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        profile_opt_tokens: Option<usize>,
     },
     /// NVIDIA CUDA (needs a GPU build of ONNX Runtime, CUDA and cuDNN).
     Cuda {
@@ -146,9 +158,13 @@ impl FromStr for ProviderConfig {
     /// One provider name with default options.
     fn from_str(name: &str) -> Result<Self, Self::Err> {
         match name.trim().to_ascii_lowercase().as_str() {
-            "tensorrt" | "trt" => {
-                Ok(ProviderConfig::TensorRt { fp16: true, engine_cache_dir: None, device_id: 0 })
-            }
+            "tensorrt" | "trt" => Ok(ProviderConfig::TensorRt {
+                fp16: true,
+                engine_cache_dir: None,
+                device_id: 0,
+                profile_max_tokens: None,
+                profile_opt_tokens: None,
+            }),
             "cuda" => Ok(ProviderConfig::Cuda { device_id: 0 }),
             "cpu" => Ok(ProviderConfig::Cpu {}),
             other => Err(EngineError::Config(format!(
@@ -194,7 +210,9 @@ mod tests {
                 ProviderConfig::TensorRt {
                     fp16: true,
                     engine_cache_dir: Some("/var/cache/tandem/trt".into()),
-                    device_id: 0
+                    device_id: 0,
+                    profile_max_tokens: None,
+                    profile_opt_tokens: None,
                 },
                 ProviderConfig::Cuda { device_id: 1 },
                 ProviderConfig::Cpu {},
@@ -202,6 +220,26 @@ mod tests {
         );
         assert!(config.strict_providers);
         assert_eq!(config.optimization_level, OptimizationLevel::Basic);
+    }
+
+    #[test]
+    fn a_tensorrt_profile_is_read_from_its_provider_entry() {
+        let config: EngineConfig = toml::from_str(
+            r#"execution_providers = [
+                { kind = "tensorrt", profile_max_tokens = 2048, profile_opt_tokens = 512 },
+            ]"#,
+        )
+        .unwrap();
+        assert!(matches!(
+            config.execution_providers.as_slice(),
+            [ProviderConfig::TensorRt { profile_max_tokens: Some(2048), profile_opt_tokens: Some(512), .. }]
+        ));
+        let err = toml::from_str::<EngineConfig>(
+            r#"execution_providers = [{ kind = "tensorrt", profile_min_token = 1 }]"#,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("profile_min_token"), "{err}");
     }
 
     #[test]

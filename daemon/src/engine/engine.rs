@@ -19,7 +19,8 @@ use super::io_layout::{IoLayout, LayoutHints, TensorSpec};
 use super::logits::Logits;
 use super::model_dir::ModelDir;
 use super::ort_library::{OrtRuntime, load_ort};
-use super::providers::{ProviderReport, register_providers};
+use super::providers::{ProviderReport, needs_layout, register_providers};
+use super::tensorrt_profile::TrtProfile;
 use super::tokenizer::TextTokenizer;
 
 /// A loaded model.
@@ -44,17 +45,16 @@ impl Engine {
         let config = &keyed.config;
         tracing::info!(dir = %model.root.display(), format = model.format.name(), "loading model");
 
+        let trt_profile =
+            TrtProfile::of_engine(config, model.context_length).map_err(EngineError::TrtProfile)?;
+        let probed = if needs_layout(config) { Some(probe_layout(&runtime, &model)?) } else { None };
+
         let builder = configure_session(runtime.environment(), config)?;
-        let (mut builder, providers) = register_providers(builder, config)?;
+        let (mut builder, providers) = register_providers(builder, config, probed.as_ref())?;
         let session = builder
             .commit_from_file(&model.model_file)
             .map_err(|e| model_load_error(&model.model_file, e))?;
-
-        let inputs: Vec<TensorSpec> = session.inputs().iter().map(TensorSpec::from_outlet).collect();
-        let outputs: Vec<TensorSpec> = session.outputs().iter().map(TensorSpec::from_outlet).collect();
-        let hints = LayoutHints { head_dim: model.head_dim, kv_heads: model.num_key_value_heads };
-        let layout = IoLayout::from_signature(&inputs, &outputs, hints)
-            .map_err(|problem| EngineError::NotADecoder { path: model.model_file.clone(), problem })?;
+        let layout = layout_of(&session, &model)?;
 
         let vocab_size = layout.vocab_size.or(model.vocab_size);
         let tokenizer = match &model.tokenizer_file {
@@ -67,11 +67,14 @@ impl Engine {
             }
             None => None,
         };
-        let limits = ModelLimits {
-            eos_token_ids: model.eos_token_ids.clone(),
-            context_length: model.context_length,
-            vocab_size,
+        // TensorRT's explicit profile accepts nothing longer, so requests beyond it are refused up front.
+        let context_length = match trt_profile {
+            Some(profile) if providers.active == "tensorrt" => {
+                Some(model.context_length.map_or(profile.max_tokens, |c| c.min(profile.max_tokens)))
+            }
+            _ => model.context_length,
         };
+        let limits = ModelLimits { eos_token_ids: model.eos_token_ids.clone(), context_length, vocab_size };
         tracing::info!(
             layers = layout.layers,
             kv_heads = layout.kv_heads,
@@ -234,6 +237,28 @@ fn optimization_level(level: OptimizationLevel) -> GraphOptimizationLevel {
         OptimizationLevel::Extended => GraphOptimizationLevel::Level2,
         OptimizationLevel::All => GraphOptimizationLevel::All,
     }
+}
+
+/// The KV-cache layout of `session`'s graph.
+fn layout_of(session: &Session, model: &ModelDir) -> Result<IoLayout, EngineError> {
+    let inputs: Vec<TensorSpec> = session.inputs().iter().map(TensorSpec::from_outlet).collect();
+    let outputs: Vec<TensorSpec> = session.outputs().iter().map(TensorSpec::from_outlet).collect();
+    let hints = LayoutHints { head_dim: model.head_dim, kv_heads: model.num_key_value_heads };
+    IoLayout::from_signature(&inputs, &outputs, hints)
+        .map_err(|problem| EngineError::NotADecoder { path: model.model_file.clone(), problem })
+}
+
+/// The layout read from a plain CPU session without graph optimisations, for providers that must
+/// name the graph's inputs before the real session exists (TensorRT's explicit profile). The graph
+/// and its weights are loaded once more for this, and released before the real session is built.
+fn probe_layout(runtime: &OrtRuntime, model: &ModelDir) -> Result<IoLayout, EngineError> {
+    let session = Session::builder(runtime.environment())
+        .map_err(EngineError::ort("create a session builder"))?
+        .with_optimization_level(GraphOptimizationLevel::Disable)
+        .map_err(|e| EngineError::ort("set the optimization level")(e.into()))?
+        .commit_from_file(&model.model_file)
+        .map_err(|e| model_load_error(&model.model_file, e))?;
+    layout_of(&session, model)
 }
 
 /// A graph file ONNX Runtime cannot parse is corrupt; other load failures keep ONNX Runtime's words.

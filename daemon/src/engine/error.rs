@@ -8,6 +8,8 @@ use std::path::PathBuf;
 use tandem_core::bundle::ManifestError;
 use tandem_core::generation::SamplingError;
 
+use super::tensorrt_profile::TrtProfileError;
+
 /// Errors of the inference engine.
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
@@ -31,6 +33,9 @@ pub enum EngineError {
 
     #[error("invalid engine configuration: {0}")]
     Config(String),
+
+    #[error("the tensorrt provider's profile (profile_max_tokens, profile_opt_tokens) does not fit: {0}")]
+    TrtProfile(TrtProfileError),
 
     #[error(
         "execution provider `{provider}` was requested but this tandemd was built without GPU support; \
@@ -158,6 +163,7 @@ impl EngineError {
         matches!(
             self,
             EngineError::Config(_)
+                | EngineError::TrtProfile(_)
                 | EngineError::ModelDirMissing { .. }
                 | EngineError::ModelFileMissing { .. }
                 | EngineError::TokenizerMissing { .. }

@@ -4,7 +4,8 @@
 //! (execution providers), `model_dir` (what a model directory holds), `io_layout` (the graph's
 //! KV-cache signature), `decoder_session` (one forward pass), `generator` (the generation loop),
 //! `text_stream` (incremental detokenisation), `tokenizer`, `tensorrt_cache` (where TensorRT engines
-//! are kept, keyed by what they depend on), and `engine` tying them together.
+//! are kept, keyed by what they depend on), `tensorrt_profile` (the sequence lengths an engine
+//! accepts), and `engine` tying them together.
 
 mod config;
 mod decoder_session;
@@ -18,6 +19,7 @@ mod model_dir;
 mod ort_library;
 mod providers;
 pub mod tensorrt_cache;
+pub mod tensorrt_profile;
 mod text_stream;
 mod tokenizer;
 

@@ -11,6 +11,7 @@ use serde::Serialize;
 
 use super::config::{EngineConfig, ProviderConfig};
 use super::error::EngineError;
+use super::io_layout::IoLayout;
 
 /// Which providers were asked for and which one runs the model.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -21,15 +22,29 @@ pub struct ProviderReport {
     pub active: String,
 }
 
-/// Registers `config.execution_providers` on `builder` in order.
+/// Whether registering `config`'s providers needs the graph's input layout first: a `tensorrt`
+/// entry with an explicit profile names every input in its shapes. Without the `gpu` feature no GPU
+/// provider is registered, so nothing needs it.
+pub(crate) fn needs_layout(config: &EngineConfig) -> bool {
+    cfg!(feature = "gpu")
+        && config
+            .execution_providers
+            .iter()
+            .take_while(|provider| !matches!(provider, ProviderConfig::Cpu {}))
+            .any(|provider| matches!(provider, ProviderConfig::TensorRt { profile_max_tokens: Some(_), .. }))
+}
+
+/// Registers `config.execution_providers` on `builder` in order. `layout` is the graph's input
+/// layout, read beforehand when [`needs_layout`] says so.
 pub(crate) fn register_providers(
     mut builder: SessionBuilder,
     config: &EngineConfig,
+    layout: Option<&IoLayout>,
 ) -> Result<(SessionBuilder, ProviderReport), EngineError> {
     let requested: Vec<String> = config.execution_providers.iter().map(|p| p.name().to_string()).collect();
     let mut active: Option<&'static str> = None;
     for provider in plan_gpu_providers(config, cfg!(feature = "gpu"))? {
-        let (next, registered) = register_gpu_provider(builder, provider, config.strict_providers)?;
+        let (next, registered) = register_gpu_provider(builder, provider, config.strict_providers, layout)?;
         builder = next;
         if registered {
             active.get_or_insert(provider.name());
@@ -74,6 +89,7 @@ fn register_gpu_provider(
     builder: SessionBuilder,
     _provider: &ProviderConfig,
     _strict: bool,
+    _layout: Option<&IoLayout>,
 ) -> Result<(SessionBuilder, bool), EngineError> {
     Ok((builder, false))
 }
@@ -83,12 +99,35 @@ fn register_gpu_provider(
     builder: SessionBuilder,
     provider: &ProviderConfig,
     strict: bool,
+    layout: Option<&IoLayout>,
 ) -> Result<(SessionBuilder, bool), EngineError> {
     use ort::ep::{self, ExecutionProvider};
 
+    use super::tensorrt_profile::TrtProfile;
+
     let (available, dispatch) = match provider {
-        ProviderConfig::TensorRt { fp16, engine_cache_dir, device_id } => {
+        ProviderConfig::TensorRt { fp16, engine_cache_dir, device_id, .. } => {
             let mut trt = ep::TensorRT::default().with_device_id(*device_id).with_fp16(*fp16);
+            // Checked against the model's context length when the engine loaded it.
+            if let Some(profile) = TrtProfile::configured(provider, None).map_err(EngineError::TrtProfile)? {
+                let layout = layout.ok_or_else(|| {
+                    EngineError::Config(
+                        "the tensorrt profile needs the graph's inputs, which were not read before the \
+                         provider was registered"
+                            .to_string(),
+                    )
+                })?;
+                let shapes = profile.shapes(layout);
+                tracing::info!(
+                    max_tokens = profile.max_tokens,
+                    opt_tokens = profile.opt_tokens,
+                    "tensorrt builds one engine for an explicit profile"
+                );
+                trt = trt
+                    .with_profile_min_shapes(shapes.min)
+                    .with_profile_opt_shapes(shapes.opt)
+                    .with_profile_max_shapes(shapes.max);
+            }
             if let Some(dir) = engine_cache_dir {
                 let dir = prepare_cache_dir(dir)?;
                 trt = trt

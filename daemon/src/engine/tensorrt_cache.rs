@@ -9,7 +9,7 @@
 //! a rollback to the previous model slot start without a rebuild; `systemctl clean --what=cache
 //! tandemd` removes them all.
 //!
-//! `tandemd prepare` fills a directory ahead of time, driving the engine through the shape
+//! `tandemd prepare` fills a directory ahead of time, driving the engine through the shapes a
 //! [`TrtProfile`] covers, and records what it did in [`PREPARED_FILE`]. Detecting the versions and the
 //! GPU is best effort: what cannot be found is spelled `unknown`, which still keeps the key stable on
 //! one machine.
@@ -22,9 +22,9 @@ use tandem_core::bundle::{FileDigest, MODEL_FILE};
 
 use super::config::{EngineConfig, ProviderConfig};
 use super::error::EngineError;
-use super::io_layout::IoLayout;
 use super::model_dir::ModelDir;
 use super::ort_library::OrtRuntime;
+use super::tensorrt_profile::{ProfileShapes, TrtProfile};
 
 /// Written into a cache directory once `tandemd prepare` has built everything in it.
 pub const PREPARED_FILE: &str = "prepared.json";
@@ -160,7 +160,7 @@ pub fn resolve_cache_dirs(
     let mut caches = Vec::new();
     let mut digest: Option<String> = None;
     for provider in &mut keyed.execution_providers {
-        if let ProviderConfig::TensorRt { fp16, engine_cache_dir: Some(root), device_id } = provider {
+        if let ProviderConfig::TensorRt { fp16, engine_cache_dir: Some(root), device_id, .. } = provider {
             let sha256 = match digest.clone() {
                 Some(sha256) => sha256,
                 None => {
@@ -303,96 +303,6 @@ pub fn slug(text: &str) -> String {
     if trimmed.is_empty() { UNKNOWN.to_string() } else { trimmed.to_string() }
 }
 
-/// The sequence lengths an engine is prepared for. Serving decodes one token at a time, so the
-/// smallest shape is always one new token with no past; the largest a full-context prefill.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct TrtProfile {
-    /// Longest prompt plus generation (the model's context length, or less to save build memory).
-    pub max_tokens: usize,
-    /// Past length TensorRT optimises the decode step for.
-    pub opt_tokens: usize,
-}
-
-/// One forward pass during preparation: `new_tokens` fed on top of a cache of `past_tokens`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ShapePass {
-    /// Tokens in `input_ids` (sequence dimension).
-    pub new_tokens: usize,
-    /// Positions already in the KV cache.
-    pub past_tokens: usize,
-}
-
-/// ONNX Runtime's `trt_profile_{min,opt,max}_shapes` strings for a profile.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ProfileShapes {
-    /// `trt_profile_min_shapes`.
-    pub min: String,
-    /// `trt_profile_opt_shapes`.
-    pub opt: String,
-    /// `trt_profile_max_shapes`.
-    pub max: String,
-}
-
-impl TrtProfile {
-    /// A profile up to `max_tokens`, optimised for decoding at `opt_tokens` of context.
-    pub fn new(max_tokens: usize, opt_tokens: usize) -> Result<TrtProfile, EngineError> {
-        if max_tokens < 2 {
-            return Err(EngineError::Config(format!(
-                "the longest sequence to prepare for is {max_tokens} tokens; it must be at least 2 (prefill \
-                 and one decode step)"
-            )));
-        }
-        if opt_tokens == 0 || opt_tokens > max_tokens {
-            return Err(EngineError::Config(format!(
-                "the sequence length to optimise for ({opt_tokens}) must be between 1 and the longest \
-                 ({max_tokens})"
-            )));
-        }
-        Ok(TrtProfile { max_tokens, opt_tokens })
-    }
-
-    /// The passes that take every dynamic dimension to both ends of its range: one token with no
-    /// past (all minima), a full prefill (longest `input_ids` and mask) and a decode step with the
-    /// longest past. With ONNX Runtime's implicit profiles each pass that widens a range rebuilds the
-    /// engine once (the timing cache makes the rebuilds quick), and the cached engine then covers
-    /// every shape serving can produce.
-    pub fn passes(&self) -> [ShapePass; 3] {
-        [
-            ShapePass { new_tokens: 1, past_tokens: 0 },
-            ShapePass { new_tokens: self.max_tokens, past_tokens: 0 },
-            ShapePass { new_tokens: 1, past_tokens: self.max_tokens - 1 },
-        ]
-    }
-
-    /// The explicit optimisation profile for a batch of one, in ONNX Runtime's
-    /// `name:dim1xdim2,...` syntax.
-    pub fn shapes(&self, layout: &IoLayout) -> ProfileShapes {
-        let render = |new: usize, total: usize, past: usize| {
-            let mut parts = vec![
-                format!("{}:1x{new}", tandem_core::kv_io::INPUT_IDS),
-                format!("{}:1x{total}", tandem_core::kv_io::ATTENTION_MASK),
-            ];
-            if layout.has_position_ids {
-                parts.push(format!("{}:1x{new}", tandem_core::kv_io::POSITION_IDS));
-            }
-            parts.extend(
-                layout
-                    .past_names
-                    .iter()
-                    .map(|name| format!("{name}:1x{}x{past}x{}", layout.kv_heads, layout.head_dim)),
-            );
-            parts.join(",")
-        };
-        // Each dimension's range on its own: the longest input and mask come with a prefill, the
-        // longest past with a decode step.
-        ProfileShapes {
-            min: render(1, 1, 0),
-            opt: render(1, self.opt_tokens, self.opt_tokens - 1),
-            max: render(self.max_tokens, self.max_tokens, self.max_tokens - 1),
-        }
-    }
-}
-
 /// What `tandemd prepare` left in a cache directory.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PreparedCache {
@@ -400,6 +310,10 @@ pub struct PreparedCache {
     pub key: TrtCacheKey,
     /// The sequence lengths the engine was built for.
     pub profile: TrtProfile,
+    /// Whether `profile` was given to ONNX Runtime as an explicit profile (`profile_max_tokens`);
+    /// such an engine is used for exactly that profile only.
+    #[serde(default)]
+    pub explicit: bool,
     /// The same as ONNX Runtime's explicit profile strings, for comparing with an engine built
     /// another way.
     pub shapes: ProfileShapes,
@@ -429,11 +343,18 @@ impl PreparedCache {
             .map_err(|cause| EngineError::Io { path, cause })
     }
 
-    /// Whether this record covers `key` and `profile`, so nothing needs building.
-    pub fn covers(&self, key: &TrtCacheKey, profile: &TrtProfile) -> bool {
-        &self.key == key
-            && self.profile.max_tokens >= profile.max_tokens
-            && self.profile.opt_tokens == profile.opt_tokens
+    /// Whether this record covers `key` and `profile` (`explicit` or not), so nothing needs
+    /// building. An implicit profile's engine serves every shorter profile tuned alike; an explicit
+    /// one only its own.
+    pub fn covers(&self, key: &TrtCacheKey, profile: &TrtProfile, explicit: bool) -> bool {
+        if &self.key != key || self.explicit != explicit {
+            return false;
+        }
+        if explicit {
+            self.profile == *profile
+        } else {
+            self.profile.max_tokens >= profile.max_tokens && self.profile.opt_tokens == profile.opt_tokens
+        }
     }
 }
 
@@ -444,7 +365,6 @@ mod tests {
     use tandem_core::bundle::{BundleManifest, DecoderIo, ModelArchitecture, Provenance};
 
     use super::*;
-    use crate::engine::io_layout::FloatType;
     use crate::engine::model_dir::ModelFormat;
 
     fn key() -> TrtCacheKey {
@@ -607,57 +527,12 @@ mod tests {
     }
 
     #[test]
-    fn the_passes_reach_both_ends_of_every_dynamic_dimension() {
-        let profile = TrtProfile::new(4096, 512).unwrap();
-        let passes = profile.passes();
-        let new = passes.iter().map(|p| p.new_tokens);
-        let past = passes.iter().map(|p| p.past_tokens);
-        let total = passes.iter().map(|p| p.new_tokens + p.past_tokens);
-        assert_eq!((new.clone().min(), new.max()), (Some(1), Some(4096)));
-        assert_eq!((past.clone().min(), past.max()), (Some(0), Some(4095)));
-        assert_eq!((total.clone().min(), total.max()), (Some(1), Some(4096)));
-    }
-
-    #[test]
-    fn a_profile_outside_its_limits_is_refused() {
-        assert!(TrtProfile::new(1, 1).is_err());
-        assert!(TrtProfile::new(128, 0).is_err());
-        assert!(TrtProfile::new(128, 129).is_err());
-        assert!(TrtProfile::new(2, 1).is_ok());
-    }
-
-    #[test]
-    fn profile_shapes_name_every_input_by_name() {
-        let layout = IoLayout {
-            layers: 1,
-            kv_heads: 2,
-            head_dim: 16,
-            kv_type: FloatType::F16,
-            logits_type: FloatType::F32,
-            has_position_ids: true,
-            vocab_size: Some(512),
-            past_names: vec!["past_key_values.0.key".into(), "past_key_values.0.value".into()],
-            present_names: vec!["present.0.key".into(), "present.0.value".into()],
-        };
-        let shapes = TrtProfile::new(256, 64).unwrap().shapes(&layout);
-        assert_eq!(
-            shapes.min,
-            "input_ids:1x1,attention_mask:1x1,position_ids:1x1,past_key_values.0.key:1x2x0x16,\
-             past_key_values.0.value:1x2x0x16"
-        );
-        assert!(shapes.opt.contains("attention_mask:1x64,") && shapes.opt.contains("key:1x2x63x16"));
-        assert!(shapes.max.starts_with("input_ids:1x256,attention_mask:1x256,position_ids:1x256,"));
-        assert!(shapes.max.ends_with("past_key_values.0.value:1x2x255x16"));
-        let without_positions = IoLayout { has_position_ids: false, ..layout };
-        assert!(!TrtProfile::new(256, 64).unwrap().shapes(&without_positions).min.contains("position_ids"));
-    }
-
-    #[test]
     fn a_prepared_record_round_trips_and_covers_smaller_profiles_of_the_same_key() {
         let dir = tempfile::tempdir().unwrap();
         let record = PreparedCache {
             key: key(),
             profile: TrtProfile::new(2048, 256).unwrap(),
+            explicit: false,
             shapes: ProfileShapes {
                 min: "input_ids:1x1".into(),
                 opt: "input_ids:1x1".into(),
@@ -671,9 +546,42 @@ mod tests {
         record.write(dir.path()).unwrap();
         let read = PreparedCache::read(dir.path()).unwrap();
         assert_eq!(read, record);
-        assert!(read.covers(&key(), &TrtProfile::new(1024, 256).unwrap()));
-        assert!(!read.covers(&key(), &TrtProfile::new(4096, 256).unwrap()), "a longer context needs a build");
+        assert!(read.covers(&key(), &TrtProfile::new(1024, 256).unwrap(), false));
+        assert!(
+            !read.covers(&key(), &TrtProfile::new(4096, 256).unwrap(), false),
+            "a longer context needs a build"
+        );
         let other = TrtCacheKey { precision: TrtPrecision::Fp32, ..key() };
-        assert!(!read.covers(&other, &record.profile));
+        assert!(!read.covers(&other, &record.profile, false));
+    }
+
+    #[test]
+    fn an_explicit_profile_is_covered_only_by_an_engine_built_for_exactly_it() {
+        let implicit = PreparedCache {
+            key: key(),
+            profile: TrtProfile::new(4096, 512).unwrap(),
+            explicit: false,
+            shapes: ProfileShapes { min: String::new(), opt: String::new(), max: String::new() },
+            model_dir: "/var/lib/tandem/models/current".into(),
+            tandemd_version: "0.1.0".into(),
+            seconds: 1.0,
+        };
+        let wanted = TrtProfile::new(2048, 512).unwrap();
+        assert!(!implicit.covers(&key(), &wanted, true), "an implicit build is not the explicit engine");
+        let explicit = PreparedCache { profile: wanted, explicit: true, ..implicit };
+        assert!(explicit.covers(&key(), &wanted, true));
+        assert!(!explicit.covers(&key(), &TrtProfile::new(1024, 512).unwrap(), true));
+        assert!(!explicit.covers(&key(), &TrtProfile::new(1024, 512).unwrap(), false));
+    }
+
+    #[test]
+    fn a_record_written_before_explicit_profiles_reads_as_implicit() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = r#"{"key": {"model_sha256": "00", "ort_version": "1.20.1", "tensorrt_version": "10.3.0",
+            "gpu": "Orin", "precision": "fp16"}, "profile": {"max_tokens": 4096, "opt_tokens": 512},
+            "shapes": {"min": "", "opt": "", "max": ""}, "model_dir": "/m", "tandemd_version": "0.1.0",
+            "seconds": 1.0}"#;
+        std::fs::write(dir.path().join(PREPARED_FILE), old).unwrap();
+        assert!(!PreparedCache::read(dir.path()).unwrap().explicit);
     }
 }

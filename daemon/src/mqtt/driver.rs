@@ -4,13 +4,13 @@
 
 use std::sync::Arc;
 
-use tandem_core::protocol::{TopicKind, parse_device_topic};
+use tandem_core::protocol::{DeviceStatus, TopicKind, parse_device_topic};
 use tokio_util::sync::CancellationToken;
 
 use super::backoff::Backoff;
 use super::client::{EventLoop, LinkEvent, OutgoingPublish, ReceivedPublish};
 use super::link::{INBOUND_KINDS, Shared};
-use super::{DeviceStatus, InboundMessage, MqttLinkError};
+use super::{InboundMessage, MqttLinkError};
 
 /// Runs until `stop` is cancelled, or until the DISCONNECT of a shutdown went out.
 pub(crate) async fn run(

@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use tandem_core::protocol::{DeviceTopics, TopicKind};
+use tandem_core::protocol::{DeviceStatus, DeviceTopics, TopicKind};
 use tokio::sync::{broadcast, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use super::ack_tracker::PubAckTracker;
 use super::backoff::Backoff;
 use super::client::{Client, ConnectionPlan, OutgoingPublish};
-use super::{DeviceStatus, MqttConfig, MqttLinkError, MqttProtocol, driver};
+use super::{MqttConfig, MqttLinkError, MqttProtocol, driver};
 
 /// Topics of the device that the link subscribes to (fleet → device).
 pub(crate) const INBOUND_KINDS: [TopicKind; 2] = [TopicKind::OffloadResponse, TopicKind::Assignment];

@@ -13,10 +13,8 @@ mod driver;
 mod error;
 mod link;
 mod password;
-mod status;
 mod tls;
 
 pub use config::{MqttConfig, MqttProtocol};
 pub use error::{MqttLinkError, PublishFailure};
 pub use link::{InboundMessage, MqttLink, PublishOptions};
-pub use status::DeviceStatus;

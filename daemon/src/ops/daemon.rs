@@ -117,7 +117,10 @@ impl Daemon {
 
         tracing::info!(%addr, model = model.id, version = model.version, provider = model.provider, "tandemd is serving");
         notify_ready(&format!("serving model {} ({}) on {addr}", model.id, model.provider));
-        let watchdog = spawn_watchdog(shutdown.clone());
+        let watchdog = {
+            let shutdown = shutdown.clone();
+            spawn_watchdog(async move { shutdown.begun().await })
+        };
 
         let mut server_result = None;
         tokio::select! {

@@ -5,8 +5,6 @@
 use sd_notify::NotifyState;
 use tokio::task::JoinHandle;
 
-use super::Shutdown;
-
 /// Tells systemd the daemon is ready, with a status line.
 pub fn notify_ready(status: &str) {
     send(&[NotifyState::Ready, NotifyState::Status(status)]);
@@ -28,17 +26,18 @@ fn send(states: &[NotifyState<'_>]) {
     }
 }
 
-/// When systemd's watchdog is on for this process, pings it at half the interval until shutdown
-/// begins (a hung runtime then stops the pings and systemd restarts the service).
-pub fn spawn_watchdog(shutdown: Shutdown) -> Option<JoinHandle<()>> {
+/// When systemd's watchdog is on for this process, pings it at half the interval until `stop`
+/// completes (a hung runtime then stops the pings and systemd restarts the service).
+pub fn spawn_watchdog(stop: impl Future<Output = ()> + Send + 'static) -> Option<JoinHandle<()>> {
     let interval = sd_notify::watchdog_enabled()? / 2;
     tracing::debug!(interval_ms = interval.as_millis() as u64, "systemd watchdog enabled");
     Some(tokio::spawn(async move {
         let mut ticks = tokio::time::interval(interval);
+        tokio::pin!(stop);
         loop {
             tokio::select! {
                 _ = ticks.tick() => send(&[NotifyState::Watchdog]),
-                () = shutdown.begun() => break,
+                () = &mut stop => break,
             }
         }
     }))

@@ -79,10 +79,11 @@ mod tests {
     }
 
     #[test]
-    fn the_example_configuration_parses_and_validates() {
-        let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/fleet.example.toml"))
-            .expect("fleet/fleet.example.toml");
-        let config = parse_config(&text).expect("fleet.example.toml parses");
-        config.validate().expect("fleet.example.toml is valid");
+    fn the_shipped_configuration_parses_and_validates() {
+        let text =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../configs/tandem-fleet.toml"))
+                .expect("configs/tandem-fleet.toml");
+        let config = parse_config(&text).expect("configs/tandem-fleet.toml parses");
+        config.validate().expect("configs/tandem-fleet.toml is valid");
     }
 }

@@ -12,10 +12,9 @@ use rand::Rng;
 use rumqttc::mqttbytes::QoS;
 use rumqttc::mqttbytes::v4::{self, Packet};
 use tandem_core::protocol::{
-    ChatMessage, DeviceTopics, OffloadRequest, OffloadResponse, PROTOCOL_VERSION, Route, TelemetryBatch,
-    TelemetryBudget, TelemetryEvent, TokenCounts, TopicKind, Transport,
+    ChatMessage, DeviceStatus, DeviceTopics, OffloadRequest, OffloadResponse, PROTOCOL_VERSION, Route,
+    TelemetryBatch, TelemetryBudget, TelemetryEvent, TokenCounts, TopicKind, Transport,
 };
-use tandemd::mqtt::DeviceStatus;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;

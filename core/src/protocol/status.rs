@@ -1,11 +1,12 @@
-//! The device's retained status message, which is also its last will.
+//! The device's retained status message on its `status` topic, which is also its last will.
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-/// Payload of the device's `status` topic: `{"online":true,"device_id":"robot-7"}`. Published
-/// (retained) on every connection, replaced by `online: false` on a clean shutdown, and by the
+/// Device → fleet, retained, on the device's `status` topic: `{"online":true,"device_id":"robot-7"}`.
+/// Published on every connection, replaced by `online: false` on a clean shutdown, and by the
 /// broker through the last will when the connection dies.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DeviceStatus {
     /// Whether the device is connected.
@@ -29,5 +30,11 @@ mod tests {
     fn the_status_payload_is_the_documented_json() {
         let status = DeviceStatus { online: false, device_id: "robot-7".into() };
         assert_eq!(status.to_payload(), br#"{"online":false,"device_id":"robot-7"}"#);
+    }
+
+    #[test]
+    fn a_status_with_an_unknown_field_is_refused() {
+        let payload = br#"{"online":true,"device_id":"robot-7","battery":80}"#;
+        assert!(serde_json::from_slice::<DeviceStatus>(payload).is_err());
     }
 }
