@@ -92,7 +92,7 @@ device_config() {
         "[telemetry]" "transport = { kind = \"none\" }"
     if [ -n "${3:-}" ]; then echo "spool_dir = \"$3\""; fi
 }
-# The offloading device as deployed, then the same with its budget file on tmpfs, then with its
+# The offloading device as deployed, then the same with its budget journal on tmpfs, then with its
 # telemetry spool on tmpfs too: the differences are what the fsyncs cost.
 start_daemon device-offload "$PWD/$RUN/device-offload/state" "$(device_config $ALWAYS_ASK 16)"
 DEVICE="http://127.0.0.1:$PORT"

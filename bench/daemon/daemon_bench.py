@@ -6,13 +6,13 @@ Markdown tables.
 offload: interleaved rounds over kept-alive connections, in rotating order, of
   direct        the request body the device sends to the cloud, straight to the cloud's endpoint
   device        the same chat request to a device whose model always asks for help (route `cloud`),
-                state (budget file, telemetry spool) on disk as deployed
-  budget_tmpfs  the same device with its state_dir (the budget file) on tmpfs, where fsync is free
+                state (budget journal, telemetry spool) on disk as deployed
+  budget_tmpfs  the same device with its state_dir (the budget journal) on tmpfs, where fsync is free
   all_tmpfs     the same with the telemetry spool on tmpfs too
   control       the chat request with max_tokens 1 to a never-asking device with all state on tmpfs:
                 the API, chat template and prefill an offloaded request goes through before asking
   healthz       GET /healthz on the control device: the HTTP round trip with nothing behind it
-  write         one write of a file the budget file's size, the way the budget store writes it
+  append        one budget-journal append: a record written into a preallocated file, fdatasync
 Differences are taken per round (paired), so drift over the run cancels out. Added overhead =
 device − direct − (control − healthz), split into budget fsyncs (device − budget_tmpfs), spool
 fsync (budget_tmpfs − all_tmpfs) and the rest.
@@ -126,43 +126,57 @@ def cloud_connections(pid, cloud_port):
     return ports
 
 
-def write_atomically(path, data):
-    """The budget store's write (daemon/src/router/budget_store.rs): temp file, fsync, rename,
-    fsync of the directory."""
-    tmp = path.with_suffix(".json.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.rename(tmp, path)
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+class JournalProbe:
+    """Appends the way the budget store appends a reservation (daemon/src/router/budget_journal.rs):
+    a record of about 90 bytes written after the last one into a file preallocated with zeros,
+    then fdatasync."""
 
+    RECORD = b"r" * 90
+    SIZE = 1 << 20
 
-def time_budget_writes(directory, size, count):
-    """Milliseconds per `write_atomically` of `size` bytes in `directory` (the budget file's disk)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / "budget.json"
-    data = b"x" * size
-    times = []
-    for _ in range(count):
+    def __init__(self, directory):
+        directory.mkdir(parents=True, exist_ok=True)
+        self.path = directory / "budget-probe.journal"
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.write(self.fd, b"\0" * self.SIZE)
+        os.fsync(self.fd)
+        self.end = 0
+
+    def append(self):
+        """Milliseconds for one append."""
+        if self.end + len(self.RECORD) > self.SIZE:
+            self.end = 0
         started = time.perf_counter()
-        write_atomically(path, data)
-        times.append((time.perf_counter() - started) * 1000)
-    return times
+        os.pwrite(self.fd, self.RECORD, self.end)
+        os.fdatasync(self.fd)
+        self.end += len(self.RECORD)
+        return (time.perf_counter() - started) * 1000
+
+    def close(self):
+        os.close(self.fd)
+        self.path.unlink()
+
+
+def journal_records(path):
+    """(records, bytes) of the records at the start of a budget journal (length-prefixed frames,
+    zeros after the last one)."""
+    data = path.read_bytes()
+    at = records = 0
+    while at + 8 <= len(data):
+        length = int.from_bytes(data[at:at + 4], "little")
+        if length == 0 or at + 8 + length > len(data):
+            break
+        at += 8 + length
+        records += 1
+    return records, at
 
 
 def offload(args):
     cloud_body = json.dumps(CLOUD_BODY).encode()
     chat_body = json.dumps(CHAT_BODY).encode()
     control_body = json.dumps(CONTROL_BODY).encode()
-    budget_file = Path(args.device_state) / "budget.json"
-    probe_dir = Path(args.device_state).parent / "fsync-probe"
+    state_dir = Path(args.device_state)
+    probe = JournalProbe(state_dir.parent / "fsync-probe")
 
     def post(url, body, route):
         endpoint = Endpoint(url)
@@ -181,10 +195,8 @@ def offload(args):
             sys.exit(f"/healthz answered {status}")
         return elapsed, None
 
-    def budget_write():
-        started = time.perf_counter()
-        time_budget_writes(probe_dir, budget_file.stat().st_size, 1)
-        return time.perf_counter() - started, None
+    def journal_append():
+        return probe.append() / 1000, None
 
     health = Endpoint(args.control)
     requests = {
@@ -194,7 +206,7 @@ def offload(args):
         "all_tmpfs": post(args.device_all_tmpfs, chat_body, "cloud"),
         "control": post(args.control, control_body, "local"),
         "healthz": healthz,
-        "write": budget_write,
+        "append": journal_append,
     }
     kinds = list(requests)
     for _ in range(args.warmup):
@@ -223,12 +235,11 @@ def offload(args):
     local_work = paired(lambda ci, hi: ci - hi, c, h)
     added = paired(lambda ei, di, li: ei - di - li, e, d, local_work)
     rest = paired(lambda ai, di, li: ai - di - li, at, d, local_work)
-    budget_bytes = budget_file.stat().st_size
-    budget_entries = len(json.loads(budget_file.read_text()).get("settled", []))
-    per_entry = budget_bytes / max(budget_entries, 1)
-    hour_bytes = int(per_entry * 3600)
-    writes_back_to_back = time_budget_writes(probe_dir, budget_bytes, args.fsync_probes)
-    writes_hour = time_budget_writes(probe_dir, hour_bytes, args.fsync_probes)
+    snapshot = state_dir / "budget.json"
+    snapshot_entries = len(json.loads(snapshot.read_text())["state"]["settled"])
+    journals = sorted(state_dir.glob("budget-*.journal"))
+    appends_back_to_back = [probe.append() for _ in range(args.fsync_probes)]
+    probe.close()
     half = args.rounds // 2
 
     print(f"\n### Offload overhead ({args.rounds} interleaved rounds after {args.warmup} warm-up, "
@@ -248,21 +259,20 @@ def offload(args):
     print(row("local work", local_work, "never-asking device (state on tmpfs), max_tokens 1, − HTTP floor: "
               "API, template, prefill, the first token"))
     print(row("**added overhead**", added, "device − direct − local work"))
-    print(row("… budget file fsyncs", paired(lambda ei, bi: ei - bi, e, bt),
+    print(row("… budget journal fsync", paired(lambda ei, bi: ei - bi, e, bt),
               "device − the same device with `state_dir` on tmpfs"))
     print(row("… telemetry spool fsync", paired(lambda bi, ai: bi - ai, bt, at),
               "budget on tmpfs − budget and spool on tmpfs"))
     print(row("… the rest (no disk)", rest, "all state on tmpfs − direct − local work"))
     print(row("HTTP floor", h, "`GET /healthz`"))
-    print(row("budget file write", w, "the budget store's write (2 fsyncs) of a file its size, same disk, "
-              "once per round; 2 per offload"))
-    print(row("budget file write, back to back", writes_back_to_back,
-              f"{args.fsync_probes} such writes in a row, as under a steady stream of offloads"))
-    print(row("budget file write, 1 h at 1 query/s", writes_hour,
-              f"back to back, {hour_bytes} B ({per_entry:.0f} B per query in the 1 h window)"))
+    print(row("budget journal append", w, "one record written into a preallocated file + fdatasync, "
+              "same disk, once per round; 1 per offload"))
+    print(row("budget journal append, back to back", appends_back_to_back,
+              f"{args.fsync_probes} such appends in a row, as under a steady stream of offloads"))
     print()
     print(f"- completion tokens per answer (device + cloud): {sorted(tokens)}")
-    print(f"- budget file at the end: {budget_bytes} B, {budget_entries} entries; added overhead p50, first "
+    print(f"- budget state at the end: snapshot {snapshot.stat().st_size} B ({snapshot_entries} entries), "
+          f"journal {', '.join(f'{j.name}: {journal_records(j)[0]} records, {journal_records(j)[1]} B of {j.stat().st_size} B preallocated' for j in journals)}; added overhead p50, first "
           f"vs second half of the run: {pct(added[:half], 50):.2f} vs {pct(added[half:], 50):.2f} ms")
     print(f"- device → cloud TCP connections seen during the run: {len(seen_connections)} "
           f"({'kept alive and reused' if len(seen_connections) == 1 else 'NOT one reused connection'})")

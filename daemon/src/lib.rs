@@ -9,5 +9,6 @@ pub mod engine;
 pub mod mqtt;
 pub mod offload;
 pub mod ops;
+mod record_frame;
 pub mod router;
 pub mod telemetry;

@@ -121,13 +121,11 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(error) => {
             eprintln!("tandem-fleet: {error:#}");
-            let user_error = error
-                .chain()
-                .any(|cause| {
-                    cause.is::<tandem_fleet::config::ConfigError>()
-                        || cause.is::<InvalidConfig>()
-                        || cause.is::<tandem_fleet::devices_file::DevicesFileError>()
-                });
+            let user_error = error.chain().any(|cause| {
+                cause.is::<tandem_fleet::config::ConfigError>()
+                    || cause.is::<InvalidConfig>()
+                    || cause.is::<tandem_fleet::devices_file::DevicesFileError>()
+            });
             ExitCode::from(if user_error { 2 } else { 1 })
         }
     }

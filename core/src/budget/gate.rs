@@ -5,6 +5,7 @@ use std::collections::{BTreeMap, VecDeque};
 
 use serde::{Deserialize, Serialize};
 
+use super::change::BudgetChange;
 use super::policy::{BudgetPolicy, PolicyError};
 
 const HOUR_MS: u64 = 3_600_000;
@@ -33,12 +34,19 @@ struct Pending {
 #[must_use = "a reservation holds budget until it is committed or released"]
 pub struct Reservation {
     id: u64,
+    at_ms: u64,
+    tokens: u64,
 }
 
 impl Reservation {
     /// Identifier of the reservation (stable across a persisted restart).
     pub fn id(&self) -> u64 {
         self.id
+    }
+
+    /// The change that granted this reservation (what a journal records before the call goes out).
+    pub fn change(&self) -> BudgetChange {
+        BudgetChange::Reserved { id: self.id, at_ms: self.at_ms, tokens: self.tokens }
     }
 }
 
@@ -119,13 +127,28 @@ impl BudgetGate {
 
     /// A gate continuing from persisted state. Calls that were in flight when the state was saved
     /// may have reached the cloud, so they are counted as cloud calls: a crash can never free budget.
-    pub fn restore(policy: BudgetPolicy, mut state: BudgetState) -> Result<Self, PolicyError> {
+    pub fn restore(policy: BudgetPolicy, state: BudgetState) -> Result<Self, PolicyError> {
+        Self::replay(policy, state, [])
+    }
+
+    /// A gate continuing from persisted state plus the changes made since it was saved, applied in
+    /// order; then, as in [`BudgetGate::restore`], calls still in flight count as cloud calls.
+    pub fn replay(
+        policy: BudgetPolicy,
+        state: BudgetState,
+        changes: impl IntoIterator<Item = BudgetChange>,
+    ) -> Result<Self, PolicyError> {
         policy.validate()?;
+        let mut gate = Self { policy, state };
+        for change in changes {
+            gate.apply(change);
+        }
+        let state = &mut gate.state;
         for (_, p) in std::mem::take(&mut state.pending) {
             state.settled.push_back(Settled { at_ms: p.at_ms, cloud: true, cloud_tokens: p.tokens });
         }
         state.settled.make_contiguous().sort_by_key(|s| s.at_ms);
-        Ok(Self { policy, state })
+        Ok(gate)
     }
 
     /// The state to persist.
@@ -141,7 +164,6 @@ impl BudgetGate {
     /// Asks for one cloud call expected to use `estimated_tokens`; grants it only if every limit
     /// still holds with all in-flight calls counted.
     pub fn reserve(&mut self, now_ms: u64, estimated_tokens: u64) -> Result<Reservation, Refusal> {
-        self.forget_old(now_ms);
         if self.policy.cloud_fraction == 0.0 {
             return Err(Refusal::Disabled);
         }
@@ -171,27 +193,58 @@ impl BudgetGate {
                 max,
             });
         }
-        let id = self.state.next_id;
-        self.state.next_id += 1;
-        self.state.pending.insert(id, Pending { at_ms: now_ms, tokens: estimated_tokens });
-        Ok(Reservation { id })
+        let reservation = Reservation { id: self.state.next_id, at_ms: now_ms, tokens: estimated_tokens };
+        self.apply(reservation.change());
+        Ok(reservation)
     }
 
-    /// The cloud answered using `actual_tokens`.
-    pub fn commit(&mut self, reservation: Reservation, now_ms: u64, actual_tokens: u64) {
-        self.state.pending.remove(&reservation.id);
-        self.push(Settled { at_ms: now_ms, cloud: true, cloud_tokens: actual_tokens });
+    /// The cloud answered using `actual_tokens`. Returns the change, for a journal.
+    pub fn commit(&mut self, reservation: Reservation, now_ms: u64, actual_tokens: u64) -> BudgetChange {
+        let change = BudgetChange::Committed { id: reservation.id, at_ms: now_ms, tokens: actual_tokens };
+        self.apply(change);
+        change
     }
 
-    /// The cloud call did not happen or failed; the query was answered locally.
-    pub fn release(&mut self, reservation: Reservation, now_ms: u64) {
-        self.state.pending.remove(&reservation.id);
-        self.record_local(now_ms);
+    /// The cloud call did not happen or failed; the query was answered locally. Returns the change,
+    /// for a journal.
+    pub fn release(&mut self, reservation: Reservation, now_ms: u64) -> BudgetChange {
+        let change = BudgetChange::Released { id: reservation.id, at_ms: now_ms };
+        self.apply(change);
+        change
     }
 
-    /// A query answered on the device.
-    pub fn record_local(&mut self, now_ms: u64) {
-        self.push(Settled { at_ms: now_ms, cloud: false, cloud_tokens: 0 });
+    /// A query answered on the device. Returns the change, for a journal.
+    pub fn record_local(&mut self, now_ms: u64) -> BudgetChange {
+        let change = BudgetChange::Local { at_ms: now_ms };
+        self.apply(change);
+        change
+    }
+
+    /// Applies one change without checking any limit: every method above goes through here, and
+    /// replaying a journal does too, so the state is a function of the changes alone. Settling an
+    /// unknown reservation still counts the query (a cloud call stays a cloud call).
+    pub fn apply(&mut self, change: BudgetChange) {
+        match change {
+            BudgetChange::Reserved { id, at_ms, tokens } => {
+                self.forget_old(at_ms);
+                self.state.next_id = self.state.next_id.max(id.saturating_add(1));
+                self.state.pending.insert(id, Pending { at_ms, tokens });
+            }
+            BudgetChange::Committed { id, at_ms, tokens } => {
+                self.forget_old(at_ms);
+                self.state.pending.remove(&id);
+                self.push(Settled { at_ms, cloud: true, cloud_tokens: tokens });
+            }
+            BudgetChange::Released { id, at_ms } => {
+                self.forget_old(at_ms);
+                self.state.pending.remove(&id);
+                self.push(Settled { at_ms, cloud: false, cloud_tokens: 0 });
+            }
+            BudgetChange::Local { at_ms } => {
+                self.forget_old(at_ms);
+                self.push(Settled { at_ms, cloud: false, cloud_tokens: 0 });
+            }
+        }
     }
 
     fn push(&mut self, settled: Settled) {
@@ -355,6 +408,41 @@ mod tests {
             BudgetGate::restore(g.policy().clone(), serde_json::from_str(&saved).unwrap()).unwrap();
         let s = restored.snapshot(4);
         assert_eq!((s.local, s.cloud, s.pending, s.calls_available), (2, 1, 0, 1));
+    }
+
+    #[test]
+    fn replaying_the_changes_a_gate_made_rebuilds_its_state() {
+        let policy = BudgetPolicy { cloud_fraction: 0.5, burst: 1, window_secs: 10, ..Default::default() };
+        let mut live = BudgetGate::new(policy.clone()).unwrap();
+        let start = live.state().clone();
+        let mut journal = Vec::new();
+        for t in 0..40u64 {
+            let now = t * 700;
+            journal.push(live.record_local(now));
+            if let Ok(r) = live.reserve(now + 1, 50) {
+                journal.push(r.change());
+                journal.push(if t % 3 == 0 { live.release(r, now + 2) } else { live.commit(r, now + 2, 40) });
+            }
+        }
+        let in_flight = live.reserve(40_000, 70).unwrap();
+        journal.push(in_flight.change());
+
+        let replayed = BudgetGate::replay(policy.clone(), start, journal).unwrap();
+        let restored = BudgetGate::restore(policy, live.state().clone()).unwrap();
+        assert_eq!(replayed.state(), restored.state());
+        assert_eq!(
+            replayed.snapshot(40_001).cloud,
+            live.snapshot(40_001).cloud + 1,
+            "in flight counts as spent"
+        );
+    }
+
+    #[test]
+    fn a_refused_reservation_changes_nothing() {
+        let mut g = gate(0.5, 0);
+        let before = g.state().clone();
+        assert!(g.reserve(HOUR_MS * 5, 0).is_err());
+        assert_eq!(g.state(), &before);
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! marker at the end of its reasoning) takes the request to the cloud under the budget, or
 //! answers locally with the marker forbidden.
 
+mod budget_journal;
 mod budget_store;
 mod chat_template;
 mod engine_worker;

@@ -313,25 +313,19 @@ impl Router {
         match result {
             Ok(answer) => {
                 let tokens = u64::from(answer.prompt_tokens + answer.completion_tokens);
-                if let Err(e) = self.budget.commit(reservation, tokens) {
-                    tracing::error!(error = %e, "budget state could not be written");
-                }
+                self.budget.commit(reservation, tokens);
                 Settled { route: Route::Cloud, cloud: Some(answer), fallback_reason: None }
             }
             Err(e) => {
                 tracing::warn!(error = %e, class = e.class(), "offload failed; answering on the device");
-                if let Err(e) = self.budget.release(reservation) {
-                    tracing::error!(error = %e, "budget state could not be written");
-                }
+                self.budget.release(reservation);
                 fallback(e.class())
             }
         }
     }
 
     fn record_local(&self) {
-        if let Err(e) = self.budget.record_local() {
-            tracing::error!(error = %e, "budget state could not be written");
-        }
+        self.budget.record_local();
     }
 
     fn model_version(&self) -> String {

@@ -3,7 +3,8 @@
 //!
 //! Layout of the spool directory:
 //! - `00000000000000000001.seg`, … — segments, written append-only. Each record is framed as
-//!   `len: u32 LE | crc32(len ‖ payload): u32 LE | payload` where the payload is the event as JSON.
+//!   `len: u32 LE | crc32(len ‖ payload): u32 LE | payload` (`record_frame`) where the
+//!   payload is the event as JSON.
 //!   Only the newest segment (the active one) is written to.
 //! - `cursor` — `{"segment":S,"offset":O,"dropped":D}`: the first event not yet acknowledged by the
 //!   fleet is the record at byte `O` of segment `S` (earlier segments are fully acknowledged), and
@@ -28,13 +29,12 @@ use serde::{Deserialize, Serialize};
 use tandem_core::protocol::TelemetryEvent;
 
 use super::{FsyncPolicy, TelemetryConfig};
+use crate::record_frame::{self, HEADER_BYTES};
 
 /// Largest event payload (JSON) accepted.
 pub const MAX_EVENT_BYTES: u64 = 4 * 1024 * 1024;
 /// Smallest `max_spool_bytes` accepted.
 pub const MIN_SPOOL_BYTES: u64 = 4096;
-/// Bytes before each payload: length and CRC.
-const HEADER_BYTES: usize = 8;
 const SEGMENT_SUFFIX: &str = ".seg";
 const CURSOR_FILE: &str = "cursor";
 const CURSOR_TMP_FILE: &str = "cursor.tmp";
@@ -668,27 +668,12 @@ fn scan_segment(path: &Path) -> Result<(Vec<u64>, u64), SpoolError> {
 
 /// Offsets of consecutive intact records from the start of `data`, and where they end.
 fn scan_frames(data: &[u8]) -> (Vec<u64>, usize) {
-    let mut offsets = Vec::new();
-    let mut at = 0;
-    while at < data.len() {
-        let Some(payload) = decode_frame(&data[at..]) else { break };
-        offsets.push(at as u64);
-        at += HEADER_BYTES + payload.len();
-    }
-    (offsets, at)
+    record_frame::scan(data, MAX_EVENT_BYTES)
 }
 
 /// The payload of the record at the start of `buf`, if it is complete and its CRC matches.
 fn decode_frame(buf: &[u8]) -> Option<&[u8]> {
-    let header = buf.get(..HEADER_BYTES)?;
-    let len_bytes: [u8; 4] = header[..4].try_into().ok()?;
-    let crc = u32::from_le_bytes(header[4..].try_into().ok()?);
-    let len = u32::from_le_bytes(len_bytes) as usize;
-    if len == 0 || len as u64 > MAX_EVENT_BYTES {
-        return None;
-    }
-    let payload = buf.get(HEADER_BYTES..HEADER_BYTES + len)?;
-    (frame_crc(len_bytes, payload) == crc).then_some(payload)
+    record_frame::decode(buf, MAX_EVENT_BYTES)
 }
 
 /// Frames `event`; refuses events that are too large or that would not decode again.
@@ -702,59 +687,12 @@ fn encode_frame(event: &TelemetryEvent, max_spool_bytes: u64) -> Result<Vec<u8>,
     if payload.len() as u64 > MAX_EVENT_BYTES || frame_len > max_spool_bytes {
         return Err(SpoolError::EventTooLarge { size: frame_len, limit });
     }
-    let len_bytes = u32::try_from(payload.len())
-        .map_err(|_| SpoolError::EventTooLarge { size: frame_len, limit })?
-        .to_le_bytes();
-    let mut frame = Vec::with_capacity(HEADER_BYTES + payload.len());
-    frame.extend_from_slice(&len_bytes);
-    frame.extend_from_slice(&frame_crc(len_bytes, &payload).to_le_bytes());
-    frame.extend_from_slice(&payload);
-    Ok(frame)
-}
-
-/// CRC-32 (IEEE 802.3) lookup table.
-const CRC_TABLE: [u32; 256] = {
-    let mut table = [0u32; 256];
-    let mut i = 0;
-    while i < 256 {
-        let mut c = i as u32;
-        let mut bit = 0;
-        while bit < 8 {
-            c = if c & 1 != 0 { 0xEDB8_8320 ^ (c >> 1) } else { c >> 1 };
-            bit += 1;
-        }
-        table[i] = c;
-        i += 1;
-    }
-    table
-};
-
-fn crc32_update(mut crc: u32, bytes: &[u8]) -> u32 {
-    for &byte in bytes {
-        crc = CRC_TABLE[((crc ^ u32::from(byte)) & 0xff) as usize] ^ (crc >> 8);
-    }
-    crc
-}
-
-#[cfg(test)]
-fn crc32(bytes: &[u8]) -> u32 {
-    !crc32_update(!0, bytes)
-}
-
-/// The record checksum covers the length too, so a damaged length is caught as well.
-fn frame_crc(len_bytes: [u8; 4], payload: &[u8]) -> u32 {
-    !crc32_update(crc32_update(!0, &len_bytes), payload)
+    Ok(record_frame::encode(&payload))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn crc32_matches_the_ieee_check_value() {
-        assert_eq!(crc32(b"123456789"), 0xCBF4_3926);
-        assert_eq!(crc32(b""), 0);
-    }
 
     #[test]
     fn scan_stops_at_a_torn_or_corrupt_record() {
