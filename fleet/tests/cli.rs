@@ -126,7 +126,8 @@ fn serve_tells_systemd_it_is_ready_pings_the_watchdog_and_says_when_it_stops() {
     let mut buffer = [0u8; 4096];
     let mut wait_for = |wanted: &str, received: &mut Vec<String>| {
         while !received.iter().any(|m| m.lines().any(|l| l == wanted)) {
-            let n = socket.recv(&mut buffer).unwrap_or_else(|e| panic!("no {wanted} (got {received:?}): {e}"));
+            let n =
+                socket.recv(&mut buffer).unwrap_or_else(|e| panic!("no {wanted} (got {received:?}): {e}"));
             received.push(String::from_utf8_lossy(&buffer[..n]).into_owned());
         }
     };
