@@ -12,3 +12,4 @@ pub mod ops;
 mod record_frame;
 pub mod router;
 pub mod telemetry;
+pub mod updater;

@@ -15,6 +15,7 @@
 //! - [`signing`]: signing keys, signing bundles, and verifying them as devices do.
 
 pub mod algorithms;
+pub mod allocator;
 pub mod chat_format;
 pub mod cloud;
 pub mod eval;

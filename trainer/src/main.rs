@@ -227,6 +227,7 @@ enum AttentionArg {
 }
 
 fn main() -> ExitCode {
+    tandem_train::allocator::keep_freed_memory();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),

@@ -15,6 +15,7 @@ mod generate;
 mod prepare;
 mod print_config;
 mod serve;
+mod update;
 
 /// The Tandem edge daemon.
 #[derive(Debug, Parser)]
@@ -38,6 +39,9 @@ enum Command {
     /// Build the TensorRT engines for the configured model ahead of time (the unit runs it before
     /// `serve`; it returns at once when they are already built).
     Prepare(prepare::PrepareArgs),
+    /// Download, verify and activate a published model bundle in the inactive A/B slot (served
+    /// from the next start, on probation, with the previous slot kept for rollback).
+    Update(tandemd::updater::command::UpdateArgs),
 }
 
 /// Runs the chosen subcommand. `serve` sets up logging from its configuration; the others log
@@ -61,6 +65,10 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
             init_stderr_logging();
             prepare::run(args)
         }
+        Command::Update(args) => {
+            init_stderr_logging();
+            update::run(args)
+        }
     }
 }
 
@@ -83,6 +91,7 @@ pub fn exit_code(error: &anyhow::Error) -> u8 {
             || cause.downcast_ref::<ConfigError>().is_some()
             || cause.downcast_ref::<ValidationError>().is_some()
             || cause.downcast_ref::<LoggingError>().is_some()
+            || cause.downcast_ref::<tandemd::updater::StartupModelError>().is_some()
     });
     if user_error { 2 } else { 1 }
 }

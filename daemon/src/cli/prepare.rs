@@ -19,13 +19,14 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use clap::Args;
 use sd_notify::NotifyState;
-use tandemd::bundle_trust::check_before_loading;
+use tandemd::bundle_trust::{check_before_loading, load_trusted_keys};
 use tandemd::config::{CliOverrides, ConfigSources, DaemonConfig, load};
 use tandemd::engine::tensorrt_cache::{KeyedEngineConfig, PreparedCache, TrtCacheKey, resolve_cache_dirs};
 use tandemd::engine::tensorrt_profile::{DEFAULT_OPT_TOKENS, ShapePass, TrtProfile};
 use tandemd::engine::{
     Engine, EngineError, ForwardInput, LogitsScope, ModelDir, OrtRuntime, ProviderConfig, load_ort,
 };
+use tandemd::updater::Slots;
 
 /// How long systemd waits for each step before giving up (EXTEND_TIMEOUT_USEC holds a u32 of
 /// microseconds, so at most about 71 minutes). A step that needs longer is run by hand once:
@@ -68,10 +69,28 @@ pub fn run(args: PrepareArgs) -> anyhow::Result<()> {
         return Ok(());
     }
     require_cache_dirs(&config)?;
-    let model_dir = config.model_dir.clone().context("no model directory is configured")?;
-    if let Some(bundle) = check_before_loading(&model_dir, &config.trusted_bundle_keys)? {
-        println!("bundle {} v{} verified (signed by key {})", bundle.name, bundle.version, bundle.key_id);
-    }
+    // The model `serve` will load: the installed slot when there is one (verified in full here),
+    // else the configured directory.
+    let keys = load_trusted_keys(&config.trusted_bundle_keys)?;
+    let model_dir = match Slots::peek_current(&config.state_dir, &keys) {
+        Some(view) => {
+            println!(
+                "installed slot {}: bundle {} v{} verified",
+                view.slot, view.bundle.name, view.bundle.version
+            );
+            view.dir
+        }
+        None => {
+            let model_dir = config.model_dir.clone().context("no model directory is configured")?;
+            if let Some(bundle) = check_before_loading(&model_dir, &config.trusted_bundle_keys)? {
+                println!(
+                    "bundle {} v{} verified (signed by key {})",
+                    bundle.name, bundle.version, bundle.key_id
+                );
+            }
+            model_dir
+        }
+    };
     require_gpu_build().context("cannot prepare TensorRT engines")?;
 
     let started = Instant::now();

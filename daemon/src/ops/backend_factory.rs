@@ -9,7 +9,7 @@ use futures::future::BoxFuture;
 use tandem_core::protocol::{OffloadRequest, TelemetryEvent, Transport};
 
 use super::Shutdown;
-use crate::bundle_trust::check_before_loading;
+use crate::bundle_trust::{check_before_loading, load_trusted_keys};
 use crate::chat::ChatBackend;
 use crate::config::DaemonConfig;
 use crate::mqtt::MqttLink;
@@ -21,6 +21,7 @@ use crate::telemetry::{
     HttpsTelemetryPublisher, MqttTelemetryPublisher, TelemetryHandle, TelemetryPublisher, TelemetryShipper,
     TelemetrySpool, TelemetryTransport,
 };
+use crate::updater::StartupModel;
 
 /// Runs once after the API stopped and in-flight requests ended (e.g. flushes the telemetry spool).
 pub type ShutdownHook = Box<dyn FnOnce() -> BoxFuture<'static, ()> + Send>;
@@ -77,16 +78,23 @@ pub async fn build_backend(
     shutdown: &Shutdown,
 ) -> Result<BuiltBackend, BuildBackendError> {
     let _ = shutdown;
-    let model_dir = config
-        .model_dir
-        .clone()
-        .ok_or_else(|| BuildBackendError::new("no model directory: give --model DIR or model_dir"))?;
     let engine_config = config.engine.clone();
     let trusted_keys = config.trusted_bundle_keys.clone();
-    // The bundle is verified (every file hashed) before the engine reads any of it.
+    let state_dir = config.state_dir.clone();
+    let configured = config.model_dir.clone();
+    // The bundle is verified (every file hashed) before the engine reads any of it: an installed
+    // slot when choosing it, the configured directory by the trust check.
     let worker = tokio::task::spawn_blocking(move || {
-        check_before_loading(&model_dir, &trusted_keys).map_err(BuildBackendError::new)?;
-        EngineWorker::start(&model_dir, &engine_config).map_err(BuildBackendError::new)
+        let keys = load_trusted_keys(&trusted_keys).map_err(BuildBackendError::new)?;
+        let startup =
+            StartupModel::choose(&state_dir, configured.as_deref(), &keys).map_err(BuildBackendError::new)?;
+        if startup.slot.is_none() {
+            check_before_loading(&startup.model_dir, &trusted_keys).map_err(BuildBackendError::new)?;
+        }
+        let worker =
+            EngineWorker::start(&startup.model_dir, &engine_config).map_err(BuildBackendError::new)?;
+        startup.loaded();
+        Ok::<_, BuildBackendError>(worker)
     })
     .await
     .map_err(BuildBackendError::new)??;
