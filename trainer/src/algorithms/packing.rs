@@ -1,10 +1,18 @@
 //! Training rows: each row is a prompt (left-padded) followed by a response (right-padded), the same
 //! layout rollouts use, so positions are `cumsum(mask) − 1` and a row's numbers do not depend on its
 //! neighbours. Only the hidden states that predict response tokens go through the output head.
+//!
+//! A group's G rows share their prompt, and a prompt's hidden states do not depend on what follows
+//! it (causal attention). So consecutive rows with equal prompts are computed as a shared prefix:
+//! every prompt token but the last runs once per group, its keys and values are repeated to the
+//! group's rows (an `index_select`, whose backward sums the rows' gradients), and only the last
+//! prompt token and the response run per row. The split is at column `prompt_width − 1` of the
+//! packed layout, so both halves keep the packed rows' masks and positions, and the numbers are
+//! those of the full rows up to float rounding.
 
 use candle_core::{D, DType, Device, Tensor};
 
-use crate::model::{Decoder, Mode};
+use crate::model::{Decoder, KvCache, Mode};
 use crate::rollout::padding::PAD_ID;
 
 /// Rows packed as tensors.
@@ -26,6 +34,41 @@ pub struct PackedRows {
     pub prompt_width: usize,
     /// Columns of the (right-padded) response part.
     pub response_width: usize,
+    /// Which rows share a prompt.
+    pub prompt_groups: PromptGroups,
+}
+
+/// Runs of consecutive rows with equal prompts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PromptGroups {
+    /// For each row, the index of its group.
+    pub group_of_row: Vec<u32>,
+    /// For each group, the index of its first row.
+    pub first_row: Vec<u32>,
+}
+
+impl PromptGroups {
+    /// Groups the consecutive equal items of `prompts`.
+    pub fn of<T: PartialEq>(prompts: &[T]) -> Self {
+        let mut groups = Self { group_of_row: Vec::with_capacity(prompts.len()), first_row: Vec::new() };
+        for (row, prompt) in prompts.iter().enumerate() {
+            if row == 0 || prompts[row - 1] != *prompt {
+                groups.first_row.push(row as u32);
+            }
+            groups.group_of_row.push(groups.first_row.len() as u32 - 1);
+        }
+        groups
+    }
+
+    /// One group per row: nothing shared.
+    pub fn unshared(rows: usize) -> Self {
+        Self { group_of_row: (0..rows as u32).collect(), first_row: (0..rows as u32).collect() }
+    }
+
+    /// Whether some group has more than one row.
+    pub fn shares(&self) -> bool {
+        self.first_row.len() < self.group_of_row.len()
+    }
 }
 
 /// Packs `(prompt, response)` rows. Every response must have at least one token.
@@ -75,28 +118,62 @@ pub fn pack(rows: &[(&[u32], &[u32])], device: &Device) -> candle_core::Result<P
         response_lengths: rows.iter().map(|(_, r)| r.len()).collect(),
         prompt_width,
         response_width,
+        prompt_groups: PromptGroups::of(&rows.iter().map(|(prompt, _)| *prompt).collect::<Vec<_>>()),
     })
+}
+
+impl PackedRows {
+    /// These rows with every row computed in full (the reference the shared prefix is tested against).
+    pub fn without_prefix_sharing(mut self) -> Self {
+        self.prompt_groups = PromptGroups::unshared(self.response_lengths.len());
+        self
+    }
 }
 
 /// `[rows, response_width]` log-probabilities of the response tokens under `decoder`, with the
 /// logits divided by `temperature` (the sampling distribution). Differentiable in `Mode::Train`.
+/// Rows in the same prompt group share the prompt's computation (see the module notes).
 pub fn response_logprobs(
     decoder: &Decoder,
     rows: &PackedRows,
     mode: Mode,
     temperature: f64,
 ) -> candle_core::Result<Tensor> {
-    // The last column only ever is a target, never an input.
-    let inputs = rows.prompt_width + rows.response_width - 1;
-    let hidden = decoder.forward(
-        &rows.ids.narrow(1, 0, inputs)?,
-        &rows.mask.narrow(1, 0, inputs)?,
-        &rows.positions.narrow(1, 0, inputs)?,
-        None,
-        mode,
-    )?;
-    // Column prompt_width − 1 + t predicts response token t.
-    let predicting = hidden.narrow(1, rows.prompt_width - 1, rows.response_width)?;
+    // Columns 0 .. prompt_width − 1 hold every prompt token but the last; from there on, column
+    // prompt_width − 1 + t predicts response token t. The last column is only ever a target.
+    let split = rows.prompt_width - 1;
+    let inputs = split + rows.response_width;
+    let predicting = if split > 0 && rows.prompt_groups.shares() {
+        let device = rows.ids.device();
+        let first_rows = Tensor::new(rows.prompt_groups.first_row.as_slice(), device)?;
+        let group_of_row = Tensor::new(rows.prompt_groups.group_of_row.as_slice(), device)?;
+        let prefix = |t: &Tensor| t.index_select(&first_rows, 0)?.narrow(1, 0, split);
+        let mut cache = KvCache::new(decoder.config().num_hidden_layers);
+        decoder.forward(
+            &prefix(&rows.ids)?,
+            &prefix(&rows.mask)?,
+            &prefix(&rows.positions)?,
+            Some(&mut cache),
+            mode,
+        )?;
+        let mut cache = cache.select_rows(&group_of_row)?;
+        decoder.forward(
+            &rows.ids.narrow(1, split, rows.response_width)?,
+            &rows.mask.narrow(1, 0, inputs)?,
+            &rows.positions.narrow(1, split, rows.response_width)?,
+            Some(&mut cache),
+            mode,
+        )?
+    } else {
+        let hidden = decoder.forward(
+            &rows.ids.narrow(1, 0, inputs)?,
+            &rows.mask.narrow(1, 0, inputs)?,
+            &rows.positions.narrow(1, 0, inputs)?,
+            None,
+            mode,
+        )?;
+        hidden.narrow(1, split, rows.response_width)?
+    };
     let logits = decoder.logits(&predicting)?.to_dtype(DType::F32)?;
     let logits = if temperature == 1.0 { logits } else { (logits / temperature)? };
     let log_probs = candle_nn::ops::log_softmax(&logits, D::Minus1)?;

@@ -1,6 +1,6 @@
 //! The KV cache, kept outside the model: keys and values per layer, `[batch, kv_heads, seq, head_dim]`.
 
-use candle_core::Tensor;
+use candle_core::{Result, Tensor};
 
 /// Past keys and values of every layer.
 #[derive(Debug, Clone)]
@@ -21,6 +21,18 @@ impl KvCache {
 
     pub(super) fn layer_mut(&mut self, layer: usize) -> &mut Option<(Tensor, Tensor)> {
         &mut self.layers[layer]
+    }
+
+    /// A cache whose row `i` is row `rows[i]` of this one (`rows`: u32 indices), e.g. one prompt's
+    /// prefix repeated to each of its samples. Differentiable: the gradients of repeated rows add up.
+    pub fn select_rows(&self, rows: &Tensor) -> Result<Self> {
+        let select = |t: &Tensor| t.index_select(rows, 0);
+        let layers = self
+            .layers
+            .iter()
+            .map(|layer| layer.as_ref().map(|(k, v)| Ok((select(k)?, select(v)?))).transpose())
+            .collect::<Result<_>>()?;
+        Ok(Self { layers })
     }
 
     /// Keys and values of one layer, when filled.

@@ -1,7 +1,8 @@
 //! Rollouts: batched generation with the KV cache, on the device.
 //!
 //! Prompts are left-padded (positions `cumsum(mask) - 1`), prefilled once, then decoded one token per
-//! step for every row together; rows that have finished stay in the batch with their new slots
+//! step for every row together. Consecutive rows with the same prompt (a group's samples) share
+//! one prefill: its keys, values and last logits are repeated to each row before sampling; rows that have finished stay in the batch with their new slots
 //! masked. A row stops at an end-of-sequence token, at the help marker's opening tag (the device's
 //! part of a collaborative response ends there; the cloud takes over), or at the token limit. Each
 //! sampled token is kept with its log-probability under the sampling distribution (the model's
@@ -14,6 +15,7 @@ pub mod padding;
 
 use candle_core::{D, DType, Tensor};
 
+use crate::algorithms::packing::PromptGroups;
 use crate::model::{Decoder, KvCache, Mode};
 use noise::GumbelNoise;
 use padding::{LeftPadded, PAD_ID};
@@ -80,11 +82,19 @@ pub fn generate(
     }
     let device = decoder.device().clone();
     let vocab = decoder.config().vocab_size;
-    let padded = LeftPadded::new(prompts);
+    let groups = PromptGroups::of(prompts);
+    let distinct: Vec<Vec<u32>> = groups.first_row.iter().map(|&row| prompts[row as usize].clone()).collect();
+    let padded = LeftPadded::new(&distinct);
     let (ids, mut mask, positions) = padded.tensors(&device)?;
     let mut cache = KvCache::new(decoder.config().num_hidden_layers);
     let hidden = decoder.forward(&ids, &mask, &positions, Some(&mut cache), Mode::Infer)?;
     let mut logits = decoder.logits(&hidden.narrow(1, padded.width - 1, 1)?)?.squeeze(1)?;
+    if groups.shares() {
+        let group_of_row = Tensor::new(groups.group_of_row.as_slice(), &device)?;
+        cache = cache.select_rows(&group_of_row)?;
+        mask = mask.index_select(&group_of_row, 0)?;
+        logits = logits.contiguous()?.index_select(&group_of_row, 0)?;
+    }
     let ban = banned_bias(&spec.banned, vocab, &device)?;
 
     let mut completions: Vec<Completion> = (0..rows)
