@@ -13,7 +13,6 @@ use crate::fixtures::tandemd_binary;
 pub struct DaemonProcess {
     child: Option<Child>,
     pub addr: SocketAddr,
-    pub state_dir: PathBuf,
     log_path: PathBuf,
 }
 
@@ -64,7 +63,7 @@ impl DaemonProcess {
             .stderr(log)
             .spawn()
             .unwrap();
-        let mut daemon = Self { child: Some(child), addr, state_dir, log_path };
+        let mut daemon = Self { child: Some(child), addr, log_path };
         daemon.wait_healthy(Duration::from_secs(30));
         daemon
     }

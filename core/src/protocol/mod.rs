@@ -2,11 +2,13 @@
 //! `docs/protocol.md` documents these types; its JSON Schemas are generated from them
 //! ([`json_schemas`]) and a test keeps the document current.
 
+mod assignment;
 mod offload;
 mod status;
 mod telemetry;
 mod topics;
 
+pub use assignment::{ModelAssignment, UpdateReport, UpdateState};
 pub use offload::{ChatMessage, OffloadOutcome, OffloadRequest, OffloadResponse};
 pub use status::DeviceStatus;
 pub use telemetry::{
@@ -27,5 +29,6 @@ pub fn json_schemas() -> Vec<(&'static str, serde_json::Value)> {
         ("OffloadResponse", schema::<OffloadResponse>()),
         ("TelemetryBatch", schema::<TelemetryBatch>()),
         ("DeviceStatus", schema::<DeviceStatus>()),
+        ("ModelAssignment", schema::<ModelAssignment>()),
     ]
 }

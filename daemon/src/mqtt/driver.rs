@@ -136,7 +136,7 @@ fn restore_session(shared: &Shared) {
     if shared.client().try_subscribe(&filters).is_err() {
         tracing::error!("could not queue the MQTT subscriptions; they are retried on the next connection");
     }
-    let online = DeviceStatus { online: true, device_id: shared.topics.device_id().to_string() };
+    let online = DeviceStatus::new(shared.topics.device_id(), true);
     let status = OutgoingPublish {
         topic: shared.topics.topic(TopicKind::Status),
         payload: online.to_payload(),

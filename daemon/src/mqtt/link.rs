@@ -125,7 +125,7 @@ impl MqttLink {
         let runtime = tokio::runtime::Handle::try_current()
             .map_err(|_| MqttLinkError::Config("MqttLink::connect needs a tokio runtime".into()))?;
         let plan = ConnectionPlan::new(config, device_id)?;
-        let will = DeviceStatus { online: false, device_id: device_id.to_string() };
+        let will = DeviceStatus::new(device_id, false);
         let (client, events) = plan.build(&topics.topic(TopicKind::Status), will.to_payload());
         let shared = Arc::new(Shared {
             topics,
@@ -231,7 +231,7 @@ impl MqttLink {
             return;
         }
         if self.is_connected() {
-            let offline = DeviceStatus { online: false, device_id: shared.topics.device_id().to_string() };
+            let offline = DeviceStatus::new(shared.topics.device_id(), false);
             let status_topic = shared.topics.topic(TopicKind::Status);
             let retain = PublishOptions { retain: true, ..PublishOptions::default() };
             if let Err(error) = self.publish_acked(&status_topic, offline.to_payload(), retain).await {

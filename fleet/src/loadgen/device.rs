@@ -105,7 +105,7 @@ impl SimulatedDevice {
             connect.set_login(self.id.clone(), password.clone());
         }
         let topics = DeviceTopics::new(&self.id).ok_or_else(|| broken("invalid device id"))?;
-        let status = |online| DeviceStatus { online, device_id: self.id.clone() }.to_payload();
+        let status = |online| DeviceStatus::new(self.id.clone(), online).to_payload();
         connect.last_will =
             Some(v4::LastWill::new(topics.topic(TopicKind::Status), status(false), QoS::AtLeastOnce, true));
         Packet::Connect(connect).write(&mut out, MAX_PACKET).map_err(|e| broken(&e.to_string()))?;
