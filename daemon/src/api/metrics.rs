@@ -1,5 +1,6 @@
 //! Prometheus metrics of the local API. Counters and histograms are bumped by the events in
-//! `events`; the budget, spool and queue gauges are read from the backend at scrape time.
+//! `events`; the budget, spool, queue and model (version, updates) metrics are read from the
+//! backend at scrape time.
 
 use std::fmt;
 use std::sync::Arc;
@@ -20,6 +21,7 @@ use tokio::sync::Semaphore;
 use super::error::ApiError;
 use super::state::ApiState;
 use crate::chat::ChatBackend;
+use crate::updater::UpdateOutcome;
 
 /// The OpenMetrics text format `prometheus-client` writes (Prometheus reads it).
 const OPENMETRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -48,6 +50,22 @@ pub struct TokenLabels {
     /// `prompt` or `completion`.
     pub kind: &'static str,
     pub route: &'static str,
+}
+
+/// `tandem_model_info` labels.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ModelLabels {
+    model: String,
+    version: String,
+    /// `a`, `b`, or `configured` for the configured model directory.
+    slot: String,
+}
+
+/// `tandem_model_updates_total` labels.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct UpdateLabels {
+    /// `activated`, `failed` or `rolled_back`.
+    outcome: &'static str,
 }
 
 type DurationFamily = Family<RouteLabels, Histogram, fn() -> Histogram>;
@@ -170,6 +188,39 @@ impl Collector for LiveState {
             None,
             dropped.metric_type(),
         )?)?;
+
+        let model = self.backend.0.model_info();
+        let update = status.update.unwrap_or_default();
+        let labels = ModelLabels {
+            model: model.id,
+            version: model.version,
+            slot: update.slot.clone().unwrap_or_else(|| "configured".into()),
+        };
+        let info = ConstGauge::new(1i64);
+        let mut family = encoder.encode_descriptor(
+            "tandem_model_info",
+            "The model served now (always 1), by name, version and slot",
+            None,
+            info.metric_type(),
+        )?;
+        info.encode(family.encode_family(&labels)?)?;
+        let probation = ConstGauge::new(i64::from(update.on_probation));
+        probation.encode(encoder.encode_descriptor(
+            "tandem_model_on_probation",
+            "1 while the model served is on probation after an update",
+            None,
+            probation.metric_type(),
+        )?)?;
+        let mut updates = encoder.encode_descriptor(
+            "tandem_model_updates",
+            "Model updates since start, by outcome (activated, failed, rolled_back)",
+            None,
+            prometheus_client::metrics::MetricType::Counter,
+        )?;
+        for outcome in UpdateOutcome::ALL {
+            let labels = UpdateLabels { outcome: outcome.as_str() };
+            ConstCounter::new(update.count(outcome)).encode(updates.encode_family(&labels)?)?;
+        }
         Ok(())
     }
 }

@@ -119,6 +119,8 @@ pub struct BackendStatus {
     pub spool_dropped: u64,
     /// Whether offloading is configured.
     pub offload_enabled: bool,
+    /// The updater's state, when `[updater]` is enabled.
+    pub update: Option<crate::updater::UpdateSnapshot>,
 }
 
 /// Answers chat requests (implemented by the router; faked in API tests).

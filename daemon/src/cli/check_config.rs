@@ -23,6 +23,30 @@ pub fn run(args: CheckConfigArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// How model updates happen, in words.
+fn updates(config: &DaemonConfig) -> String {
+    let updater = &config.updater;
+    if !updater.enabled {
+        return "off (serve loads what `tandemd update` installed, at its next start)".to_string();
+    }
+    let mut sources = Vec::new();
+    if updater.mqtt && config.mqtt.is_some() {
+        sources.push("the MQTT assignment topic".to_string());
+    }
+    if let Some(url) = &updater.poll_url {
+        sources.push(format!("polling {url} every {} s", updater.poll_interval_secs));
+    }
+    let limit = updater.bandwidth_limit.map_or("unlimited".to_string(), |b| format!("{b} B/s"));
+    format!(
+        "following {} while serving; download {limit}; probe {} tokens, then swap; probation: {} passing \
+         probes every {} s commit",
+        sources.join(" and "),
+        updater.probe_max_tokens,
+        updater.probation.probes_to_commit,
+        updater.health_probe_interval_secs
+    )
+}
+
 /// "configuration OK" and one line per part that will run.
 fn summary(config: &DaemonConfig) -> String {
     let mut out = String::from("configuration OK\n");
@@ -68,6 +92,7 @@ fn summary(config: &DaemonConfig) -> String {
     );
     let _ = writeln!(out, "  offload:   {offload}");
     let _ = writeln!(out, "  telemetry: {telemetry}");
+    let _ = writeln!(out, "  updates:   {}", updates(config));
     if let Some(mqtt) = &config.mqtt {
         let _ = writeln!(out, "  mqtt:      {}", mqtt.url);
     }

@@ -6,7 +6,8 @@
 //! TOML file → `TANDEM_*` environment variables → command-line flags); `validate` explains what is
 //! wrong and how to fix it (secrets are read with [`crate::offload::read_secret`]); `device_id`
 //! derives the default id.
-//! Sections owned elsewhere (`engine`, `budget`, `mqtt`, `cloud`, `telemetry`) are embedded as-is.
+//! Sections owned elsewhere (`engine`, `budget`, `mqtt`, `cloud`, `telemetry`, `updater`) are
+//! embedded as-is.
 
 mod device_id;
 mod generation;
@@ -25,6 +26,7 @@ use crate::engine::EngineConfig;
 use crate::mqtt::MqttConfig;
 use crate::offload::OffloadConfig;
 use crate::telemetry::TelemetryConfig;
+use crate::updater::UpdaterConfig;
 
 pub use device_id::{default_device_id, is_device_id_char, sanitize_device_id};
 pub use generation::GenerationDefaults;
@@ -85,6 +87,9 @@ pub struct DaemonConfig {
     /// Per-query telemetry events.
     #[serde(default)]
     pub telemetry: TelemetryConfig,
+    /// Following the fleet's model assignments while serving (download, probe, hot swap).
+    #[serde(default)]
+    pub updater: UpdaterConfig,
     /// Log output.
     #[serde(default)]
     pub logging: LoggingConfig,
@@ -105,6 +110,7 @@ impl Default for DaemonConfig {
             mqtt: None,
             cloud: OffloadConfig::default(),
             telemetry: TelemetryConfig::default(),
+            updater: UpdaterConfig::default(),
             logging: LoggingConfig::default(),
         }
     }

@@ -234,6 +234,81 @@ impl DaemonConfig {
         {
             problem("telemetry.transport.url", format!("`{url}` is not an HTTP(S) URL"));
         }
+        let updater = &self.updater;
+        if updater.enabled {
+            let mqtt = updater.mqtt && self.mqtt.is_some();
+            if !mqtt && updater.poll_url.is_none() {
+                problem(
+                    "updater.enabled",
+                    "the updater has no way to receive assignments: add an `[mqtt]` section (with                      `updater.mqtt = true`, the default) or set `updater.poll_url = \"https://fleet:8443\"`"
+                        .to_string(),
+                );
+            }
+            if self.trusted_bundle_keys.is_empty() {
+                tracing::warn!(
+                    "updater.enabled without trusted_bundle_keys: assigned bundles are checked against their                      manifests, but nobody vouches for the manifests"
+                );
+            }
+        }
+        if let Some(url) = &updater.poll_url
+            && !is_http_url(url)
+        {
+            problem(
+                "updater.poll_url",
+                format!(
+                    "`{url}` is not an HTTP(S) URL; write the fleet's base URL, e.g. `https://fleet:8443`"
+                ),
+            );
+        }
+        if updater.poll_interval_secs == 0 {
+            problem(
+                "updater.poll_interval_secs",
+                "0 would poll without pause; use at least 1 (the default is 60)".to_string(),
+            );
+        }
+        if let Some(source) = &updater.poll_token
+            && let Err(error) = read_secret(source)
+        {
+            problem("updater.poll_token", format!("{error}; the fleet would refuse the polls"));
+        }
+        if updater.probe_prompt.trim().is_empty() {
+            problem(
+                "updater.probe_prompt",
+                "an empty prompt cannot show that a model answers; write a short question".to_string(),
+            );
+        }
+        if updater.probe_max_tokens == 0 {
+            problem(
+                "updater.probe_max_tokens",
+                "the probe must generate at least 1 token (the default is 8)".to_string(),
+            );
+        }
+        if updater.probe_timeout_secs == 0 {
+            problem(
+                "updater.probe_timeout_secs",
+                "0 would fail every probe; use at least 1 (the default is 60)".to_string(),
+            );
+        }
+        if updater.health_probe_interval_secs == 0 {
+            problem(
+                "updater.health_probe_interval_secs",
+                "0 would probe without pause; use at least 1 (the default is 60)".to_string(),
+            );
+        }
+        let probation = &updater.probation;
+        for (key, value) in [
+            ("updater.probation.max_unhealthy_starts", probation.max_unhealthy_starts),
+            ("updater.probation.max_failed_probes", probation.max_failed_probes),
+            ("updater.probation.probes_to_commit", probation.probes_to_commit),
+            ("updater.probation.max_starts", probation.max_starts),
+        ] {
+            if value == 0 {
+                problem(
+                    key,
+                    "0 would end probation before the new model was tried; use at least 1".to_string(),
+                );
+            }
+        }
         if let Err(error) = tracing_subscriber::EnvFilter::try_new(&self.logging.level) {
             problem(
                 "logging.level",
@@ -267,6 +342,19 @@ mod tests {
 
     fn keys(config: &DaemonConfig) -> Vec<String> {
         config.validate().err().map(|e| e.problems.into_iter().map(|p| p.key).collect()).unwrap_or_default()
+    }
+
+    #[test]
+    fn an_updater_without_a_way_to_receive_assignments_is_explained() {
+        let (_dir, mut config) = runnable();
+        config.updater.enabled = true;
+        assert_eq!(keys(&config), ["updater.enabled"]);
+        config.updater.poll_url = Some("fleet:8443".into());
+        config.updater.probation.probes_to_commit = 0;
+        assert_eq!(keys(&config), ["updater.poll_url", "updater.probation.probes_to_commit"]);
+        config.updater.poll_url = Some("https://fleet:8443".into());
+        config.updater.probation.probes_to_commit = 1;
+        config.validate().unwrap();
     }
 
     #[test]

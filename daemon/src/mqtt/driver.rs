@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use tandem_core::protocol::{DeviceStatus, TopicKind, parse_device_topic};
+use tandem_core::protocol::{TopicKind, parse_device_topic};
 use tokio_util::sync::CancellationToken;
 
 use super::backoff::Backoff;
@@ -136,7 +136,7 @@ fn restore_session(shared: &Shared) {
     if shared.client().try_subscribe(&filters).is_err() {
         tracing::error!("could not queue the MQTT subscriptions; they are retried on the next connection");
     }
-    let online = DeviceStatus::new(shared.topics.device_id(), true);
+    let online = shared.status(true);
     let status = OutgoingPublish {
         topic: shared.topics.topic(TopicKind::Status),
         payload: online.to_payload(),

@@ -1,5 +1,5 @@
 //! [`MqttLink`]: the device's one connection to the fleet broker, shared by offload, telemetry and
-//! (later) model assignment.
+//! model assignment.
 //!
 //! The connection lives on a background task ([`super::driver`]) that connects, reconnects with
 //! backoff, restores the device's subscriptions on every CONNACK, keeps the retained status and
@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use tandem_core::protocol::{DeviceStatus, DeviceTopics, TopicKind};
+use tandem_core::protocol::{DeviceStatus, DeviceTopics, TopicKind, UpdateReport};
 use tokio::sync::{broadcast, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -107,6 +107,8 @@ pub(crate) struct Shared {
     acks: Mutex<PubAckTracker<AckWaiter>>,
     inbound: Mutex<HashMap<TopicKind, broadcast::Sender<InboundMessage>>>,
     latest: Mutex<HashMap<TopicKind, InboundMessage>>,
+    /// What the retained status says besides `online`: the model version and the update report.
+    status_details: Mutex<(Option<String>, Option<UpdateReport>)>,
     ack_timeout: Duration,
 }
 
@@ -138,6 +140,7 @@ impl MqttLink {
             acks: Mutex::new(PubAckTracker::default()),
             inbound: Mutex::new(HashMap::new()),
             latest: Mutex::new(HashMap::new()),
+            status_details: Mutex::new((None, None)),
             ack_timeout: config.ack_timeout(),
         });
         let stop = CancellationToken::new();
@@ -222,6 +225,23 @@ impl MqttLink {
         lock(&self.inner.shared.latest).get(&kind).cloned()
     }
 
+    /// Sets what the retained status reports besides `online` — the model version served and the
+    /// updater's latest report — and publishes it now when connected (every later connection
+    /// publishes it too). A failed publish is only logged: the next connection repeats it.
+    pub async fn publish_status(&self, model_version: Option<String>, update: Option<UpdateReport>) {
+        let shared = &self.inner.shared;
+        *lock(&shared.status_details) = (model_version, update);
+        if !self.is_connected() {
+            return;
+        }
+        let status_topic = shared.topics.topic(TopicKind::Status);
+        let retain = PublishOptions { retain: true, ..PublishOptions::default() };
+        if let Err(error) = self.publish_acked(&status_topic, shared.status(true).to_payload(), retain).await
+        {
+            tracing::debug!(%error, "could not publish the device status; the next connection does");
+        }
+    }
+
     /// Ends the connection cleanly: publishes the retained `online: false` status (when
     /// connected), sends DISCONNECT so that the broker discards the last will, and stops the
     /// background task. Publishing afterwards fails with [`MqttLinkError::Closed`].
@@ -231,7 +251,7 @@ impl MqttLink {
             return;
         }
         if self.is_connected() {
-            let offline = DeviceStatus::new(shared.topics.device_id(), false);
+            let offline = shared.status(false);
             let status_topic = shared.topics.topic(TopicKind::Status);
             let retain = PublishOptions { retain: true, ..PublishOptions::default() };
             if let Err(error) = self.publish_acked(&status_topic, offline.to_payload(), retain).await {
@@ -272,6 +292,12 @@ impl Shared {
         self.client.try_publish(publish).map_err(|_| MqttLinkError::Busy)?;
         acks.queued(waiter);
         Ok(())
+    }
+
+    /// The device's status message, with the details last given to [`MqttLink::publish_status`].
+    pub(crate) fn status(&self, online: bool) -> DeviceStatus {
+        let (model_version, update) = lock(&self.status_details).clone();
+        DeviceStatus { model_version, update, ..DeviceStatus::new(self.topics.device_id(), online) }
     }
 
     pub(crate) fn client(&self) -> &Client {

@@ -7,21 +7,22 @@ use std::time::Duration;
 use futures::FutureExt;
 use futures::future::BoxFuture;
 use tandem_core::protocol::{OffloadRequest, TelemetryEvent, Transport};
+use tokio_util::sync::CancellationToken;
 
 use super::Shutdown;
 use crate::bundle_trust::{check_before_loading, load_trusted_keys};
 use crate::chat::ChatBackend;
 use crate::config::DaemonConfig;
 use crate::mqtt::MqttLink;
+use crate::offload::read_secret;
 use crate::offload::{CloudAnswer, CloudClient, HttpsOffload, MqttOffload, OffloadError, OffloadTransport};
-use crate::router::{
-    BudgetStore, ChatTemplate, CloudOffload, EngineWorker, EventSink, Router, RouterSettings,
-};
+use crate::router::{BudgetStore, CloudOffload, EventSink, LiveModel, Router, RouterSettings, ServingModel};
 use crate::telemetry::{
     HttpsTelemetryPublisher, MqttTelemetryPublisher, TelemetryHandle, TelemetryPublisher, TelemetryShipper,
     TelemetrySpool, TelemetryTransport,
 };
-use crate::updater::StartupModel;
+use crate::updater::fleet_link::{self, ASSIGNMENT_QUEUE};
+use crate::updater::{LiveUpdater, SlotView, Slots, StartupModel, UpdateTracker};
 
 /// Runs once after the API stopped and in-flight requests ended (e.g. flushes the telemetry spool).
 pub type ShutdownHook = Box<dyn FnOnce() -> BoxFuture<'static, ()> + Send>;
@@ -72,34 +73,33 @@ impl BuildBackendError {
 
 /// Builds the backend for a validated `config`: the engine on its thread, the persisted budget,
 /// the offload client with its transports, the telemetry spool and shipper, and the router over
-/// them. Background tasks stop when `shutdown` begins; the returned hook flushes telemetry.
+/// them, and with `[updater] enabled` the task that follows model assignments. Background tasks
+/// stop when `shutdown` begins; the returned hook flushes telemetry.
 pub async fn build_backend(
     config: &DaemonConfig,
     shutdown: &Shutdown,
 ) -> Result<BuiltBackend, BuildBackendError> {
-    let _ = shutdown;
     let engine_config = config.engine.clone();
     let trusted_keys = config.trusted_bundle_keys.clone();
     let state_dir = config.state_dir.clone();
     let configured = config.model_dir.clone();
     // The bundle is verified (every file hashed) before the engine reads any of it: an installed
     // slot when choosing it, the configured directory by the trust check.
-    let worker = tokio::task::spawn_blocking(move || {
+    let (model, slot, slots) = tokio::task::spawn_blocking(move || {
         let keys = load_trusted_keys(&trusted_keys).map_err(BuildBackendError::new)?;
         let startup =
             StartupModel::choose(&state_dir, configured.as_deref(), &keys).map_err(BuildBackendError::new)?;
         if startup.slot.is_none() {
             check_before_loading(&startup.model_dir, &trusted_keys).map_err(BuildBackendError::new)?;
         }
-        let worker =
-            EngineWorker::start(&startup.model_dir, &engine_config).map_err(BuildBackendError::new)?;
-        startup.loaded();
-        Ok::<_, BuildBackendError>(worker)
+        let model = ServingModel::load(&startup.model_dir, &engine_config).map_err(BuildBackendError::new)?;
+        let slot = startup.slot.clone();
+        let slots = startup.loaded();
+        Ok::<_, BuildBackendError>((model, slot, slots))
     })
     .await
     .map_err(BuildBackendError::new)??;
-    let template =
-        ChatTemplate::new(worker.loaded().model.chat_template.as_deref()).map_err(BuildBackendError::new)?;
+    let model = Arc::new(LiveModel::new(model));
     let budget = Arc::new(
         BudgetStore::open(&config.state_dir, config.budget.clone()).map_err(BuildBackendError::new)?,
     );
@@ -121,14 +121,18 @@ pub async fn build_backend(
         telemetry_text: config.telemetry.include_text,
         include_local_attempt: config.router.include_local_attempt_in_answer,
     };
-    let router = Arc::new(Router::new(
+    let mut router = Router::new(
         settings,
-        worker,
-        template,
+        Arc::clone(&model),
         budget.clone(),
         cloud,
         telemetry.map(|t| Arc::new(t) as Arc<dyn EventSink>),
-    ));
+    );
+    if config.updater.enabled {
+        let tracker = start_updater(config, shutdown, model, slot, slots, link.as_ref())?;
+        router = router.with_update_tracker(tracker);
+    }
+    let router = Arc::new(router);
     let flush_timeout = Duration::from_millis(config.telemetry.flush_interval_ms.max(1000) * 5);
     Ok(BuiltBackend::new(router).with_shutdown_hook(move || {
         async move {
@@ -148,6 +152,71 @@ pub async fn build_backend(
         }
         .boxed()
     }))
+}
+
+/// Starts following model assignments (MQTT and/or polling) and publishing the update state.
+fn start_updater(
+    config: &DaemonConfig,
+    shutdown: &Shutdown,
+    model: Arc<LiveModel>,
+    slot: Option<SlotView>,
+    slots: Option<Slots>,
+    link: Option<&MqttLink>,
+) -> Result<Arc<UpdateTracker>, BuildBackendError> {
+    let updater = &config.updater;
+    let on_probation = slots.as_ref().is_some_and(|s| s.probation().is_some());
+    let tracker = Arc::new(UpdateTracker::new(
+        model.current().version(),
+        slot.map(|view| view.slot.to_string()),
+        on_probation,
+    ));
+    let stop = CancellationToken::new();
+    {
+        let (shutdown, stop) = (shutdown.clone(), stop.clone());
+        tokio::spawn(async move {
+            shutdown.begun().await;
+            stop.cancel();
+        });
+    }
+    let (assignments, received) = tokio::sync::mpsc::channel(ASSIGNMENT_QUEUE);
+    if let Some(link) = link {
+        fleet_link::publish_status(link.clone(), Arc::clone(&tracker), stop.clone());
+        if updater.mqtt {
+            fleet_link::follow_mqtt(link.clone(), assignments.clone(), stop.clone());
+        }
+    }
+    if let Some(url) = &updater.poll_url {
+        let token =
+            updater.poll_token.as_ref().map(read_secret).transpose().map_err(BuildBackendError::new)?;
+        fleet_link::follow_polls(
+            url,
+            &config.device_id,
+            token,
+            Duration::from_secs(updater.poll_interval_secs),
+            assignments,
+            stop.clone(),
+        )
+        .map_err(BuildBackendError::new)?;
+    }
+    let trusted = load_trusted_keys(&config.trusted_bundle_keys).map_err(BuildBackendError::new)?;
+    if slots.is_none() {
+        tracing::warn!(
+            "another process holds the model slot store; the updater opens it when an assignment arrives"
+        );
+    }
+    LiveUpdater {
+        config: updater.clone(),
+        engine: config.engine.clone(),
+        state_dir: config.state_dir.clone(),
+        trusted,
+        configured_model: config.model_dir.clone(),
+        slots,
+        model,
+        tracker: Arc::clone(&tracker),
+    }
+    .spawn(received, stop);
+    tracing::info!(mqtt = link.is_some() && updater.mqtt, poll_url = ?updater.poll_url, "following model assignments");
+    Ok(tracker)
 }
 
 fn build_cloud(

@@ -15,11 +15,12 @@ use tokio::sync::mpsc;
 use uuid::Uuid;
 
 use super::budget_store::{BudgetStore, now_ms};
-use super::chat_template::ChatTemplate;
-use super::engine_worker::{EngineWorker, LocalGeneration, Prompt};
+use super::engine_worker::{LocalGeneration, Prompt};
+use super::serving_model::{LiveModel, ServingModel};
 use crate::chat::{BackendStatus, ChatBackend, ChatError, ChatOutcome, ChatRequest, FinishKind, ModelInfo};
 use crate::engine::{CancelToken, EngineError, FinishReason, GenerationParams};
 use crate::offload::{CloudAnswer, OffloadError};
+use crate::updater::UpdateTracker;
 
 /// Asks the cloud (the offload client with its transports, retries and breakers).
 pub trait CloudOffload: Send + Sync {
@@ -60,11 +61,11 @@ pub struct RouterSettings {
 /// Answers chat requests; see the module documentation.
 pub struct Router {
     settings: RouterSettings,
-    worker: EngineWorker,
-    template: ChatTemplate,
+    model: Arc<LiveModel>,
     budget: Arc<BudgetStore>,
     cloud: Option<Arc<dyn CloudOffload>>,
     telemetry: Option<Arc<dyn EventSink>>,
+    updates: Option<Arc<UpdateTracker>>,
 }
 
 impl std::fmt::Debug for Router {
@@ -81,16 +82,15 @@ struct Settled {
 }
 
 impl Router {
-    /// A router over a started engine worker.
+    /// A router over a loaded model; the model may be swapped while serving (see [`LiveModel`]).
     pub fn new(
         settings: RouterSettings,
-        worker: EngineWorker,
-        template: ChatTemplate,
+        model: Arc<LiveModel>,
         budget: Arc<BudgetStore>,
         cloud: Option<Arc<dyn CloudOffload>>,
         telemetry: Option<Arc<dyn EventSink>>,
     ) -> Self {
-        if worker.loaded().help_token.is_none() {
+        if model.current().worker().loaded().help_token.is_none() {
             tracing::warn!(
                 tag = HELP_OPEN_TAG,
                 "the tokenizer has no single token for the help marker's opening tag: help requests are still \
@@ -98,7 +98,18 @@ impl Router {
                  on fallback are unavailable"
             );
         }
-        Self { settings, worker, template, budget, cloud, telemetry }
+        Self { settings, model, budget, cloud, telemetry, updates: None }
+    }
+
+    /// Reports `tracker`'s update state in [`ChatBackend::status`].
+    pub fn with_update_tracker(mut self, tracker: Arc<UpdateTracker>) -> Self {
+        self.updates = Some(tracker);
+        self
+    }
+
+    /// The model served, which the updater swaps.
+    pub fn live_model(&self) -> &Arc<LiveModel> {
+        &self.model
     }
 
     /// The budget store (for shutdown).
@@ -108,6 +119,7 @@ impl Router {
 
     fn generation_params(
         &self,
+        model: &ServingModel,
         request: &ChatRequest,
         cancel: &CancelToken,
     ) -> Result<GenerationParams, ChatError> {
@@ -125,7 +137,7 @@ impl Router {
             }),
         };
         decoding.validate().map_err(|e| ChatError::Invalid(e.to_string()))?;
-        let help = self.worker.loaded().help_token;
+        let help = model.worker().loaded().help_token;
         let mut stop_strings = request.stop.clone();
         stop_strings.push(HELP_OPEN_TAG.to_string());
         Ok(GenerationParams {
@@ -145,11 +157,12 @@ impl Router {
 
     async fn generate(
         &self,
+        model: &ServingModel,
         prompt: Prompt,
         params: GenerationParams,
         deltas: Option<&mpsc::Sender<String>>,
     ) -> Result<LocalGeneration, ChatError> {
-        let local = self.worker.generate(prompt, params, deltas.cloned()).await.map_err(engine_error)?;
+        let local = model.worker().generate(prompt, params, deltas.cloned()).await.map_err(engine_error)?;
         if local.generation.finish_reason == FinishReason::Cancelled {
             return Err(ChatError::Cancelled);
         }
@@ -164,11 +177,13 @@ impl Router {
     ) -> Result<ChatOutcome, ChatError> {
         let arrived_ms = now_ms();
         let started = Instant::now();
+        // The whole request runs on the model served now, even if an update swaps it meanwhile.
+        let model = self.model.current();
         let prompt =
-            self.template.render(&request.messages).map_err(|e| ChatError::Invalid(e.to_string()))?;
-        let params = self.generation_params(&request, &cancel)?;
+            model.template().render(&request.messages).map_err(|e| ChatError::Invalid(e.to_string()))?;
+        let params = self.generation_params(&model, &request, &cancel)?;
         let live = if self.settings.include_local_attempt { deltas.as_ref() } else { None };
-        let first = self.generate(Prompt::Text(prompt), params.clone(), live).await?;
+        let first = self.generate(&model, Prompt::Text(prompt), params.clone(), live).await?;
         let held_back = live.is_none();
         let help_probability = first.generation.decision.map(|d| d.probability);
         let asked_for_help = HelpMarker::opening_in(&first.raw_text).is_some();
@@ -187,7 +202,8 @@ impl Router {
             (settled, local_text.clone(), finish_kind(first.generation.finish_reason))
         } else {
             let offload_started = Instant::now();
-            let settled = self.offload(&request, &local_text, params.max_new_tokens as u32, &cancel).await;
+            let settled =
+                self.offload(&model, &request, &local_text, params.max_new_tokens as u32, &cancel).await;
             offload_ms = offload_started.elapsed().as_millis() as u64;
             match &settled.cloud {
                 Some(answer) => {
@@ -200,11 +216,12 @@ impl Router {
                     (settled_clone(&settled), content, FinishKind::Stop)
                 }
                 None => {
-                    let (kept_ids, kept_text) = self.kept_before_marker(&first);
+                    let (kept_ids, kept_text) = kept_before_marker(&model, &first);
                     if held_back {
                         send(&deltas, kept_text).await;
                     }
-                    let resumed = self.answer_locally(&first, kept_ids, &params, deltas.as_ref()).await?;
+                    let resumed =
+                        self.answer_locally(&model, &first, kept_ids, &params, deltas.as_ref()).await?;
                     completion_tokens += resumed.generation.ids.len() as u32;
                     let finish = finish_kind(resumed.generation.finish_reason);
                     (settled_clone(&settled), format!("{kept_text}{}", resumed.generation.text), finish)
@@ -227,31 +244,22 @@ impl Router {
             cloud_ms,
             event_id: None,
         };
-        let event_id =
-            self.emit_telemetry(arrived_ms, &request, &first, &settled, &outcome, asked_for_help).await;
+        let event_id = self
+            .emit_telemetry(&model, arrived_ms, &request, &first, &settled, &outcome, asked_for_help)
+            .await;
         Ok(ChatOutcome { event_id, ..outcome })
-    }
-
-    /// The part of the first attempt a local answer keeps: everything before the help token, or
-    /// nothing when the tokenizer has no single help token (the answer is then regenerated).
-    fn kept_before_marker<'a>(&self, first: &'a LocalGeneration) -> (&'a [u32], &'a str) {
-        match first.generation.decision {
-            Some(decision) if decision.chosen && self.worker.loaded().help_token.is_some() => {
-                (&first.generation.ids[..decision.step], first.generation.text.as_str())
-            }
-            _ => (&[], ""),
-        }
     }
 
     /// Continues the local answer after `kept` with the help marker forbidden.
     async fn answer_locally(
         &self,
+        model: &ServingModel,
         first: &LocalGeneration,
         kept: &[u32],
         params: &GenerationParams,
         deltas: Option<&mpsc::Sender<String>>,
     ) -> Result<LocalGeneration, ChatError> {
-        let help = self.worker.loaded().help_token;
+        let help = model.worker().loaded().help_token;
         let mut prompt = first.prompt_ids.clone();
         prompt.extend_from_slice(kept);
         let remaining = params.max_new_tokens.saturating_sub(kept.len()).max(1);
@@ -262,11 +270,12 @@ impl Router {
             watch_token_ids: Vec::new(),
             ..params.clone()
         };
-        self.generate(Prompt::Ids(prompt), resumed, deltas).await
+        self.generate(model, Prompt::Ids(prompt), resumed, deltas).await
     }
 
     async fn offload(
         &self,
+        model: &ServingModel,
         request: &ChatRequest,
         local_text: &str,
         max_tokens: u32,
@@ -299,7 +308,7 @@ impl Router {
             v: PROTOCOL_VERSION,
             request_id: Uuid::now_v7(),
             device_id: self.settings.device_id.clone(),
-            model_version: self.model_version(),
+            model_version: model.version(),
             messages: request.messages.clone(),
             max_tokens,
             temperature: request.temperature,
@@ -328,12 +337,10 @@ impl Router {
         self.budget.record_local();
     }
 
-    fn model_version(&self) -> String {
-        self.worker.loaded().model.version.clone().unwrap_or_else(|| "unversioned".into())
-    }
-
+    #[allow(clippy::too_many_arguments)]
     async fn emit_telemetry(
         &self,
+        model: &ServingModel,
         arrived_ms: u64,
         request: &ChatRequest,
         first: &LocalGeneration,
@@ -349,7 +356,7 @@ impl Router {
         sink.record(TelemetryEvent {
             id,
             device_id: self.settings.device_id.clone(),
-            model_version: self.model_version(),
+            model_version: model.version(),
             at_ms: arrived_ms,
             route: outcome.route,
             help_requested: asked_for_help,
@@ -376,6 +383,17 @@ impl Router {
         })
         .await;
         Some(id)
+    }
+}
+
+/// The part of the first attempt a local answer keeps: everything before the help token, or
+/// nothing when the tokenizer has no single help token (the answer is then regenerated).
+fn kept_before_marker<'a>(model: &ServingModel, first: &'a LocalGeneration) -> (&'a [u32], &'a str) {
+    match first.generation.decision {
+        Some(decision) if decision.chosen && model.worker().loaded().help_token.is_some() => {
+            (&first.generation.ids[..decision.step], first.generation.text.as_str())
+        }
+        _ => (&[], ""),
     }
 }
 
@@ -410,10 +428,11 @@ fn engine_error(e: EngineError) -> ChatError {
 
 impl ChatBackend for Router {
     fn model_info(&self) -> ModelInfo {
-        let loaded = self.worker.loaded();
+        let model = self.model.current();
+        let loaded = model.worker().loaded();
         ModelInfo {
             id: loaded.model.name.clone(),
-            version: self.model_version(),
+            version: model.version(),
             provider: loaded.provider.clone(),
             ort_version: loaded.ort_version.clone(),
             context_length: loaded.model.context_length,
@@ -427,6 +446,7 @@ impl ChatBackend for Router {
             spool_events,
             spool_dropped,
             offload_enabled: self.cloud.is_some(),
+            update: self.updates.as_ref().map(|t| t.snapshot()),
         }
     }
 

@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 
 /// When a slot on probation is reverted or committed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct ProbationPolicy {
     /// Consecutive starts that never reached healthy after which the slot is reverted.
     pub max_unhealthy_starts: u32,

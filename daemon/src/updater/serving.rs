@@ -3,8 +3,10 @@
 //! probation — a start that never becomes healthy counts as a crash, and too many revert to the
 //! previous slot, also across reboots — and mark the start healthy once the model is loaded.
 //!
-//! The store's lock is held only for this bookkeeping, so `tandemd update` can stage and activate
-//! the next version while the daemon serves; the new version is served from the next start.
+//! Without `[updater] enabled`, the store's lock is held only for this bookkeeping, so `tandemd
+//! update` can stage and activate the next version while the daemon serves; the new version is
+//! served from the next start. With it, [`StartupModel::loaded`] hands the open store to the
+//! updater task, which keeps it (and its lock) while the daemon runs.
 
 use std::path::{Path, PathBuf};
 
@@ -72,12 +74,14 @@ impl StartupModel {
         Ok(Self { model_dir, slot, slots })
     }
 
-    /// The model loaded: a slot on probation counts a healthy start. Releases the store's lock.
-    pub fn loaded(mut self) {
+    /// The model loaded: a slot on probation counts a healthy start. Returns the open store (`None`
+    /// when another process held it); dropping it releases the store's lock.
+    pub fn loaded(mut self) -> Option<Slots> {
         if let Some(slots) = self.slots.as_mut()
             && let Err(error) = slots.record_healthy()
         {
             tracing::error!(%error, "cannot record that the model slot started healthy");
         }
+        self.slots
     }
 }

@@ -54,7 +54,8 @@ pub enum SlotsError {
     /// Another process has the store open.
     #[error(
         "{path} is locked by another process (a running tandemd, or another `tandemd update`); \
-         update a running daemon through it, or stop it first",
+         a daemon running with `[updater] enabled` takes its updates from the fleet (assign the version \
+         there); otherwise stop it first",
         path = .path.display()
     )]
     Busy {

@@ -194,6 +194,7 @@ impl ChatBackend for FakeBackend {
             spool_events: 7,
             spool_dropped: 2,
             offload_enabled: true,
+            update: None,
         }
     }
 

@@ -4,6 +4,9 @@
 //! of download, verification and activation — after which the slot store always serves a complete,
 //! verified bundle, and running the update again completes it.
 //!
+//! `while_serving` runs `tandemd serve` with the updater on: assignments polled or received over
+//! MQTT (a real Mosquitto) are swapped in while requests run.
+//!
 //! Bundles are made with the real `tandem-train` binary (`init`, `export`, `keygen`, `sign`).
 
 use std::collections::BTreeMap;
@@ -27,6 +30,11 @@ use tandemd::bundle_trust::{load_trusted_keys, verify_model_dir};
 use tandemd::updater::command::{UpdateArgs, UpdateOutcome, run_update};
 use tandemd::updater::download::DownloadOptions;
 use tandemd::updater::{Assignment, Slots, StageError, StageEvent, Staged, Updater};
+
+#[allow(dead_code)]
+#[path = "../../../tests/e2e/support/mosquitto.rs"]
+mod mosquitto;
+mod while_serving;
 
 // ---------------------------------------------------------------------------------------------
 // Bundles made by tandem-train
