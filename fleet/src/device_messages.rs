@@ -99,8 +99,13 @@ impl DeviceMessages {
             tracing::warn!(device, claimed = %status.device_id, "ignoring a status message for another device");
             return refuse("status_device_mismatch", ack);
         }
-        let update =
-            DeviceStatusUpdate { device_id: device.to_string(), online: status.online, at_ms: now_ms() };
+        let update = DeviceStatusUpdate {
+            device_id: device.to_string(),
+            online: status.online,
+            at_ms: now_ms(),
+            model_version: status.model_version,
+            update: status.update,
+        };
         self.ingest.submit_status(update, ack).await;
     }
 }

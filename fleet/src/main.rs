@@ -42,6 +42,26 @@ enum Command {
     Loadgen(LoadArgs),
     /// Subscribe to every device's telemetry and only count it (the broker's ceiling); prints JSON.
     Sink(SinkArgs),
+    /// The model registry (`[registry]` in the configuration).
+    Registry {
+        #[command(subcommand)]
+        command: RegistryCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum RegistryCommand {
+    /// Verify a signed bundle folder on this host (files, sizes, sha256, signature against
+    /// registry.trusted_keys), copy it into registry.dir and record it; prints the record as JSON.
+    Add {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// The bundle folder (manifest.json and the files it lists).
+        #[arg(long)]
+        bundle: PathBuf,
+    },
+    /// Print every registered bundle as JSON.
+    List(ConfigArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -125,6 +145,7 @@ fn main() -> ExitCode {
                 cause.is::<tandem_fleet::config::ConfigError>()
                     || cause.is::<InvalidConfig>()
                     || cause.is::<tandem_fleet::devices_file::DevicesFileError>()
+                    || cause.is::<tandem_fleet::registry::RegistryError>()
             });
             ExitCode::from(if user_error { 2 } else { 1 })
         }
@@ -236,8 +257,40 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             });
             println!("{}", serde_json::to_string_pretty(&report)?);
         }
+        Command::Registry { command } => registry(command)?,
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn registry(command: RegistryCommand) -> anyhow::Result<()> {
+    let args = match &command {
+        RegistryCommand::Add { config, .. } | RegistryCommand::List(config) => config,
+    };
+    let config = load_valid(args)?;
+    let Some(registry_config) = &config.registry else {
+        return Err(InvalidConfig).context("the configuration has no [registry] section");
+    };
+    runtime()?.block_on(async {
+        let store = tandem_fleet::store::Store::open(&config.store).await?;
+        let result = match command {
+            RegistryCommand::Add { bundle, .. } => {
+                let registry = tandem_fleet::registry::Registry::open(registry_config)?;
+                let registered = registry.register(&store, &bundle).await;
+                registered.map(|r| {
+                    let mut value = serde_json::to_value(&r.model).expect("records serialise");
+                    value["created"] = r.created.into();
+                    value
+                })
+            }
+            RegistryCommand::List(_) => {
+                let models = store.list_models().await?;
+                Ok(serde_json::json!({ "models": models }))
+            }
+        };
+        store.close().await;
+        println!("{}", serde_json::to_string_pretty(&result?)?);
+        anyhow::Ok(())
+    })
 }
 
 fn host_port(url: &str) -> anyhow::Result<String> {

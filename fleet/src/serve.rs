@@ -21,6 +21,8 @@ use crate::external::{ExternalBroker, ExternalError};
 use crate::gateway::{Gateway, GatewayError};
 use crate::ingest::{Ingest, StoredEvents};
 use crate::metrics::FleetMetrics;
+use crate::registry::{Registry, RegistryError};
+use crate::rollout::Rollouts;
 use crate::store::{Store, StoreError, now_ms};
 
 /// How often the devices file is checked for changes.
@@ -40,6 +42,8 @@ pub enum ServeError {
     External(#[from] ExternalError),
     #[error("{0}")]
     Gateway(#[from] GatewayError),
+    #[error("{0}")]
+    Registry(#[from] RegistryError),
     #[error("api.token: {0}")]
     Token(#[from] tandemd::offload::SecretError),
     #[error("cannot listen on {address} (api.listen): {source}")]
@@ -82,6 +86,10 @@ pub async fn start(config: FleetConfig) -> Result<RunningFleet, ServeError> {
     let store = Store::open(&config.store).await?;
     let metrics = FleetMetrics::new();
     tracing::info!(backend = ?store.backend(), "store ready");
+    let registry = config.registry.as_ref().map(Registry::open).transpose()?.map(Arc::new);
+    if let Some(registry) = &registry {
+        registry.clear_staging()?;
+    }
 
     let devices = match &config.devices_file {
         Some(path) => {
@@ -136,10 +144,10 @@ pub async fn start(config: FleetConfig) -> Result<RunningFleet, ServeError> {
     let (ingest, ingest_task) =
         Ingest::start(store.clone(), &config.ingest, metrics.clone(), listener, shutdown.clone());
     tasks.push(ingest_task);
-    let messages = Arc::new(DeviceMessages::new(ingest, gateway, link, metrics.clone()));
+    let messages = Arc::new(DeviceMessages::new(ingest, gateway, link.clone(), metrics.clone()));
 
     let token = config.api.token.as_ref().map(tandemd::offload::read_secret).transpose()?;
-    let api_state = ApiState::new(
+    let mut api_state = ApiState::new(
         store.clone(),
         metrics.clone(),
         budgets,
@@ -180,6 +188,31 @@ pub async fn start(config: FleetConfig) -> Result<RunningFleet, ServeError> {
     let address = config.api.listen;
     let listener = api::bind(address).await.map_err(|source| ServeError::Api { address, source })?;
     let api_address = listener.local_addr().map_err(|source| ServeError::Api { address, source })?;
+    if let Some(registry) = registry {
+        let public_url = match config.registry.as_ref().and_then(|r| r.public_url.clone()) {
+            Some(url) => url,
+            None => {
+                if api_address.ip().is_unspecified() || api_address.ip().is_loopback() {
+                    tracing::warn!(
+                        %api_address,
+                        "registry.public_url is not set: assignments point devices at http://{api_address}, \
+                         which they cannot reach unless they run on this host; set registry.public_url"
+                    );
+                }
+                format!("http://{api_address}")
+            }
+        };
+        let rollouts = Arc::new(Rollouts::new(store.clone(), link, &public_url));
+        if config.mqtt.mode == MqttMode::Embedded {
+            // The embedded broker forgot its retained messages when it stopped; an external one
+            // kept them.
+            let count = rollouts.republish().await?;
+            tracing::info!(assignments = count, "device assignments published again");
+        }
+        let interval = Duration::from_millis(config.rollouts.evaluate_interval_ms);
+        tasks.push(tokio::spawn(rollouts.clone().run(interval, shutdown.clone())));
+        api_state = api_state.with_registry(registry, rollouts);
+    }
     let api_shutdown = shutdown.clone();
     tasks.push(tokio::spawn(async move {
         if let Err(error) = api::serve(listener, api_state, api_shutdown).await {

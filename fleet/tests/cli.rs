@@ -164,3 +164,40 @@ fn check_config_with_a_missing_devices_file_exits_2_and_says_so_once() {
     assert!(errors.contains("devices.toml"), "{errors}");
     assert_eq!(errors.matches("No such file").count(), 1, "{errors}");
 }
+
+#[path = "support/bundle.rs"]
+mod bundle;
+
+#[test]
+fn registry_add_registers_a_signed_bundle_and_refuses_a_tampered_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = bundle::public_key(dir.path(), &bundle::key(1));
+    let config = dir.path().join("fleet.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[mqtt.embedded]\nallow_anonymous = true\n[store]\nurl = \"sqlite://{}\"\n[registry]\ndir = \"{}\"\ntrusted_keys = [\"{}\"]\n",
+            dir.path().join("fleet.db").display(),
+            dir.path().join("registry").display(),
+            key.display()
+        ),
+    )
+    .unwrap();
+    let config = config.to_str().unwrap();
+    let good = bundle::write_bundle(dir.path(), "tiny", "1", b"graph", Some(&bundle::key(1)));
+    let output = fleet(&["registry", "add", "--config", config, "--bundle", good.to_str().unwrap()], "");
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    let record: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!((record["name"].as_str(), record["created"].as_bool()), (Some("tiny"), Some(true)));
+
+    let tampered = bundle::write_bundle(dir.path(), "tiny", "2", b"graph", Some(&bundle::key(1)));
+    std::fs::write(tampered.join("tokenizer.json"), b"{}").unwrap();
+    let output = fleet(&["registry", "add", "--config", config, "--bundle", tampered.to_str().unwrap()], "");
+    assert_eq!(output.status.code(), Some(2), "{}", text(&output.stderr));
+    assert!(text(&output.stderr).contains("tokenizer.json"), "{}", text(&output.stderr));
+
+    let output = fleet(&["registry", "list", "--config", config], "");
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    let listed: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(listed["models"].as_array().unwrap().len(), 1);
+}

@@ -263,7 +263,7 @@ async fn retention_rolls_old_events_up_without_changing_the_numbers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn device_status_groups_and_model_versions_are_tracked() {
     on_both(|store| async move {
-        let update = |online, at_ms| DeviceStatusUpdate { device_id: "d1".into(), online, at_ms };
+        let update = |online, at_ms| DeviceStatusUpdate::presence("d1", online, at_ms);
         store.update_device_status(&[update(true, T0 + 10)]).await.unwrap();
         store.update_device_status(&[update(false, T0 + 5)]).await.unwrap();
         store.insert_events(&[event("d1", "m2", T0 + 50, Route::Local, 1, 0)], T0 + 60).await.unwrap();
@@ -281,6 +281,133 @@ async fn device_status_groups_and_model_versions_are_tracked() {
 
         store.update_device_status(&[update(false, T0 + 80)]).await.unwrap();
         assert_eq!(store.list_devices().await.unwrap()[0].status, "offline");
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn models_rollouts_and_update_reports_are_recorded_and_observed() {
+    use tandem_core::protocol::{UpdateReport, UpdateState};
+    use tandem_fleet::rollout::{RolloutPlan, RolloutStage, RolloutStatus};
+    use tandem_fleet::store::{AssignmentRow, ModelRecord, RolloutChange, RolloutRecord};
+
+    on_both(|store| async move {
+        let model = |version: &str, at| ModelRecord {
+            name: "tiny".into(),
+            version: version.into(),
+            manifest_sha256: format!("{version:0>64}"),
+            size_bytes: 10,
+            files: 2,
+            key_id: "k".into(),
+            registered_at_ms: at,
+            evaluation: serde_json::json!({ "accuracy": 0.5 }),
+            provenance: serde_json::json!({}),
+        };
+        assert!(store.insert_model(&model("1", T0)).await.unwrap());
+        assert!(store.insert_model(&model("2", T0 + 1)).await.unwrap());
+        assert!(!store.insert_model(&model("2", T0 + 2)).await.unwrap(), "a version is recorded once");
+        assert_eq!(store.model("tiny", "2").await.unwrap().unwrap(), model("2", T0 + 1));
+        assert_eq!(store.list_models().await.unwrap().len(), 2);
+
+        let with_report = |device: &str, state, at_ms| DeviceStatusUpdate {
+            model_version: Some("1".into()),
+            update: Some(UpdateReport { version: "2".into(), state, detail: Some("why".into()), at_ms: 1 }),
+            ..DeviceStatusUpdate::presence(device, true, at_ms)
+        };
+        store.update_device_status(&[with_report("d1", UpdateState::Active, T0 + 10)]).await.unwrap();
+        store.update_device_status(&[DeviceStatusUpdate::presence("d1", false, T0 + 20)]).await.unwrap();
+        store.update_device_status(&[DeviceStatusUpdate::presence("d2", true, T0 + 20)]).await.unwrap();
+        let d1 = store.list_devices().await.unwrap().remove(0);
+        assert_eq!(d1.reported_version.as_deref(), Some("1"), "a last will keeps what the device said");
+        let update = d1.update.expect("the report is kept");
+        assert_eq!((update.state.as_str(), update.received_ms), ("active", T0 + 10));
+
+        let plan = RolloutPlan {
+            stages: vec![RolloutStage { percent: 100.0, soak_secs: 0, min_healthy: 1.0 }],
+            gates: Default::default(),
+            group: None,
+        };
+        let rollout = RolloutRecord {
+            id: "r1".into(),
+            model_name: "tiny".into(),
+            version: "2".into(),
+            rollback_version: "1".into(),
+            plan,
+            status: RolloutStatus::Running,
+            stage: 0,
+            stage_started_ms: T0,
+            reason: None,
+            waiting: None,
+            superseded_by: None,
+            created_ms: T0,
+            updated_ms: T0,
+        };
+        store.insert_rollout(&rollout, &[]).await.unwrap();
+        let assign = |device: &str, version: &str| AssignmentRow {
+            device_id: device.into(),
+            rollout_id: Some("r1".into()),
+            bundle_name: "tiny".into(),
+            version: version.into(),
+            assigned_at_ms: T0 + 5,
+            payload: format!("{{\"version\":\"{version}\"}}"),
+        };
+        let change = RolloutChange {
+            expect_status: RolloutStatus::Running,
+            status: RolloutStatus::Running,
+            stage: 0,
+            stage_started_ms: T0,
+            reason: None,
+            waiting: Some("soaking".into()),
+            reached: vec![assign("d1", "2")],
+            rolled_back: Vec::new(),
+            at_ms: T0 + 5,
+        };
+        assert!(store.apply_rollout_change("r1", &change).await.unwrap());
+        let stale = RolloutChange { expect_status: RolloutStatus::Paused, ..change.clone() };
+        assert!(
+            !store.apply_rollout_change("r1", &stale).await.unwrap(),
+            "a change on a stale status is refused"
+        );
+
+        let mut events: Vec<_> =
+            (0..4).map(|i| event("d1", "2", T0 + 30 + i, Route::Local, 100 + i as u32, 0)).collect();
+        events[0].error_class = Some("timeout".into());
+        events[1].error_class = Some("budget_ratio".into());
+        events[2].route = Route::Cloud;
+        events.push(event("d1", "1", T0 + 40, Route::Local, 100, 0));
+        store.insert_events(&events, T0 + 50).await.unwrap();
+        let (devices, health) =
+            store.rollout_observations(&store.rollout("r1").await.unwrap().unwrap()).await.unwrap();
+        assert_eq!(devices.len(), 2);
+        assert_eq!(
+            (devices[0].id.as_str(), devices[0].assigned_at_ms, devices[0].events),
+            ("d1", Some(T0 + 5), 4)
+        );
+        assert_eq!(devices[0].report.as_ref().unwrap().state, UpdateState::Active);
+        assert_eq!((devices[1].id.as_str(), devices[1].assigned_at_ms), ("d2", None));
+        assert_eq!(
+            (health.events, health.errors, health.cloud),
+            (4, 1, 1),
+            "a budget refusal is not an error"
+        );
+        assert_eq!(health.p50_local_ms, Some(100));
+
+        let halt = RolloutChange {
+            status: RolloutStatus::Halted,
+            reason: Some("bad".into()),
+            waiting: None,
+            reached: Vec::new(),
+            rolled_back: vec![assign("d1", "1")],
+            at_ms: T0 + 60,
+            ..change
+        };
+        assert!(store.apply_rollout_change("r1", &halt).await.unwrap());
+        let recorded = store.rollout("r1").await.unwrap().unwrap();
+        assert_eq!((recorded.status, recorded.reason.as_deref()), (RolloutStatus::Halted, Some("bad")));
+        assert_eq!(store.rollout_devices("r1").await.unwrap(), [("d1".to_string(), T0 + 5, Some(T0 + 60))]);
+        assert_eq!(store.assignment("d1").await.unwrap().unwrap().version, "1");
+        assert_eq!(store.all_assignments().await.unwrap().len(), 1);
+        assert!(store.active_rollouts().await.unwrap().is_empty());
     })
     .await;
 }

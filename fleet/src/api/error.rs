@@ -5,6 +5,8 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
+use crate::registry::RegistryError;
+use crate::rollout::RolloutError;
 use crate::store::StoreError;
 
 /// What went wrong with a request.
@@ -16,6 +18,14 @@ pub enum ApiError {
     BadRequest(String),
     #[error("the gateway is not running on this fleet")]
     NoGateway,
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    Unprocessable(String),
+    #[error("{0}")]
+    Internal(String),
     #[error("database error: {0}")]
     Store(#[from] StoreError),
 }
@@ -25,7 +35,13 @@ impl IntoResponse for ApiError {
         let status = match &self {
             ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
-            ApiError::NoGateway => StatusCode::NOT_FOUND,
+            ApiError::NoGateway | ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::Unprocessable(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::Internal(message) => {
+                tracing::error!(%message, "API request failed");
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
             ApiError::Store(error) => {
                 tracing::error!(%error, "API request failed");
                 StatusCode::INTERNAL_SERVER_ERROR
@@ -36,5 +52,29 @@ impl IntoResponse for ApiError {
             response.headers_mut().insert("www-authenticate", "Bearer".parse().expect("a valid header"));
         }
         response
+    }
+}
+
+impl From<RegistryError> for ApiError {
+    fn from(error: RegistryError) -> Self {
+        match error {
+            RegistryError::Refused(_) | RegistryError::Invalid(_) => {
+                ApiError::Unprocessable(error.to_string())
+            }
+            RegistryError::Conflict { .. } => ApiError::Conflict(error.to_string()),
+            RegistryError::Store(error) => ApiError::Store(error),
+            RegistryError::Keys(_) | RegistryError::Io { .. } => ApiError::Internal(error.to_string()),
+        }
+    }
+}
+
+impl From<RolloutError> for ApiError {
+    fn from(error: RolloutError) -> Self {
+        match error {
+            RolloutError::NotFound(_) => ApiError::NotFound(error.to_string()),
+            RolloutError::Invalid(message) => ApiError::BadRequest(message),
+            RolloutError::Conflict(message) => ApiError::Conflict(message),
+            RolloutError::Store(error) => ApiError::Store(error),
+        }
     }
 }

@@ -1,10 +1,14 @@
-//! The operator API (axum): devices, statistics, raw events and the gateway's budgets under `/v1/`
-//! (bearer token), plus `/healthz`, `/metrics` (Prometheus), `/openapi.json` and the dashboard.
+//! The operator API (axum): devices, statistics, raw events, the gateway's budgets, the model
+//! registry and rollouts under `/v1/` (bearer token), plus `/healthz`, `/metrics` (Prometheus),
+//! `/openapi.json` and the dashboard. Devices use two `/v1/` routes without the operator's token:
+//! bundle downloads and their own assignment (see `routes::DEVICE_PATHS`).
 
 mod dashboard;
 mod error;
+mod models;
 mod openapi;
 mod query;
+mod rollouts;
 mod routes;
 
 use std::net::SocketAddr;
@@ -23,6 +27,8 @@ pub use openapi::OPENAPI_JSON;
 
 use crate::gateway::BudgetBook;
 use crate::metrics::FleetMetrics;
+use crate::registry::Registry;
+use crate::rollout::Rollouts;
 use crate::store::Store;
 use error::ApiError;
 
@@ -39,6 +45,10 @@ pub struct ApiState {
     pub max_page: u32,
     /// Whether the MQTT side is up (the embedded broker listens, or the external one is connected).
     pub mqtt_ready: Arc<std::sync::atomic::AtomicBool>,
+    /// The model registry, when configured.
+    pub registry: Option<Arc<Registry>>,
+    /// The rollout service (with the registry).
+    pub rollouts: Option<Arc<Rollouts>>,
     token: Option<Arc<Secret>>,
 }
 
@@ -58,8 +68,17 @@ impl ApiState {
             budget_fraction,
             max_page,
             mqtt_ready: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            registry: None,
+            rollouts: None,
             token: token.map(Arc::new),
         }
+    }
+
+    /// The same state with the registry and the rollout service.
+    pub fn with_registry(mut self, registry: Arc<Registry>, rollouts: Arc<Rollouts>) -> Self {
+        self.registry = Some(registry);
+        self.rollouts = Some(rollouts);
+        self
     }
 }
 

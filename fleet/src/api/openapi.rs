@@ -27,9 +27,18 @@ mod tests {
             document["paths"].as_object().expect("paths").keys().cloned().collect();
         assert_eq!(documented, routed_paths());
         for (path, item) in document["paths"].as_object().unwrap() {
-            assert!(item.get("get").is_some(), "{path}: every route is a GET");
-            let secured = item["get"].get("security").is_some();
-            assert_eq!(secured, path.starts_with("/v1/"), "{path}: exactly the /v1/ routes need the token");
+            let operations = item.as_object().expect("a path item");
+            assert!(!operations.is_empty(), "{path}");
+            let device_facing = super::super::routes::DEVICE_PATHS.contains(&path.as_str());
+            for (method, operation) in operations {
+                assert!(["get", "post"].contains(&method.as_str()), "{path}: {method}");
+                let secured = operation.get("security").is_some();
+                assert_eq!(
+                    secured,
+                    path.starts_with("/v1/") && !device_facing,
+                    "{path} {method}: exactly the operator's /v1/ routes need the token"
+                );
+            }
         }
     }
 }

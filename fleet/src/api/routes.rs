@@ -7,19 +7,27 @@ use axum::Router;
 use axum::extract::{Query, State};
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use serde_json::{Value, json};
 
 use super::ApiState;
-use super::dashboard;
 use super::error::ApiError;
 use super::openapi::OPENAPI_JSON;
 use super::query::{EventParams, StatsParams};
+use super::{dashboard, models, rollouts};
 use crate::metrics::OPENMETRICS_CONTENT_TYPE;
+
+/// The `/v1/` routes devices call without the operator's token: bundle downloads (the bundles are
+/// signed and devices verify them) and a device's own assignment (it names a signed bundle). The
+/// OpenAPI test checks the document marks exactly the other `/v1/` routes as needing the token.
+#[cfg(test)]
+pub const DEVICE_PATHS: [&str; 2] = ["/v1/registry/{name}/{version}/{file}", "/v1/devices/{id}/assignment"];
 
 /// Routes anyone may call.
 pub fn open() -> Router<ApiState> {
     Router::new()
+        .route("/v1/registry/{name}/{version}/{file}", get(models::file))
+        .route("/v1/devices/{id}/assignment", get(rollouts::assignment))
         .route("/healthz", get(health))
         .route("/metrics", get(metrics))
         .route("/openapi.json", get(openapi))
@@ -36,6 +44,12 @@ pub fn v1() -> Router<ApiState> {
         .route("/v1/events", get(events))
         .route("/v1/budget", get(budget))
         .route("/v1/dashboard", get(dashboard::data))
+        .route("/v1/models", get(models::list).post(models::register))
+        .route("/v1/rollouts", get(rollouts::list).post(rollouts::create))
+        .route("/v1/rollouts/{id}", get(rollouts::show))
+        .route("/v1/rollouts/{id}/pause", post(rollouts::pause))
+        .route("/v1/rollouts/{id}/resume", post(rollouts::resume))
+        .route("/v1/rollouts/{id}/abort", post(rollouts::abort))
 }
 
 async fn health(State(state): State<ApiState>) -> Response {

@@ -41,6 +41,50 @@ pub struct FleetConfig {
     /// The offload gateway.
     #[serde(default)]
     pub gateway: GatewayConfig,
+    /// The model registry. Absent: no registry and no rollouts.
+    #[serde(default)]
+    pub registry: Option<RegistryConfig>,
+    /// Staged rollouts of registered models (they need `[registry]`).
+    #[serde(default)]
+    pub rollouts: RolloutsConfig,
+}
+
+/// The model registry: where registered bundles are kept, whose signatures it accepts, and the
+/// URL devices download them from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegistryConfig {
+    /// Folder of registered bundles (`NAME/VERSION/`), created when missing. Keep it on the same
+    /// file system as nothing else needs: bundles are staged inside it and renamed into place.
+    pub dir: PathBuf,
+    /// Public keys (`NAME.pub` from `tandem-train keygen`) whose signatures the registry accepts;
+    /// an unsigned bundle, or one signed by another key, is refused.
+    pub trusted_keys: Vec<PathBuf>,
+    /// The fleet's API as devices reach it, e.g. `https://fleet.example.com` (behind a TLS
+    /// proxy); assignments point at `PUBLIC_URL/v1/registry/NAME/VERSION/`. Default:
+    /// `http://` and the address the API listens on.
+    #[serde(default)]
+    pub public_url: Option<String>,
+}
+
+/// Staged rollouts.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RolloutsConfig {
+    /// How often running rollouts are evaluated (assign, advance, halt), ms. Creating, pausing,
+    /// resuming or aborting a rollout evaluates at once.
+    #[serde(default = "default_evaluate_interval_ms")]
+    pub evaluate_interval_ms: u64,
+}
+
+impl Default for RolloutsConfig {
+    fn default() -> Self {
+        Self { evaluate_interval_ms: default_evaluate_interval_ms() }
+    }
+}
+
+const fn default_evaluate_interval_ms() -> u64 {
+    5000
 }
 
 /// The database.

@@ -34,6 +34,12 @@ pub enum ValidationError {
     MaxPacket,
     #[error("gateway.{field}: {reason}")]
     Gateway { field: &'static str, reason: String },
+    #[error("registry.trusted_keys is empty: the registry only accepts bundles signed by a trusted key")]
+    NoTrustedKeys,
+    #[error("registry.public_url `{0}` is neither http://… nor https://…")]
+    PublicUrl(String),
+    #[error("rollouts.evaluate_interval_ms must be at least 10")]
+    EvaluateInterval,
 }
 
 impl FleetConfig {
@@ -119,6 +125,19 @@ impl FleetConfig {
                 });
             }
         }
+        if let Some(registry) = &self.registry {
+            if registry.trusted_keys.is_empty() {
+                errors.push(ValidationError::NoTrustedKeys);
+            }
+            if let Some(url) = &registry.public_url
+                && !(url.starts_with("http://") || url.starts_with("https://"))
+            {
+                errors.push(ValidationError::PublicUrl(url.clone()));
+            }
+        }
+        if self.rollouts.evaluate_interval_ms < 10 {
+            errors.push(ValidationError::EvaluateInterval);
+        }
         if errors.is_empty() { Ok(()) } else { Err(errors) }
     }
 }
@@ -145,5 +164,17 @@ mod tests {
         let errors = config.validate().unwrap_err();
         assert_eq!(errors.len(), 3, "{errors:?}");
         assert!(errors.contains(&ValidationError::ExternalMissing));
+    }
+
+    #[test]
+    fn the_registry_needs_a_trusted_key_and_an_http_public_url() {
+        let config = parse_config(
+            "[mqtt.embedded]\nallow_anonymous = true\n[registry]\ndir = \"/r\"\ntrusted_keys = []\npublic_url = \"ftp://x\"\n",
+        )
+        .unwrap();
+        assert_eq!(
+            config.validate().unwrap_err(),
+            vec![ValidationError::NoTrustedKeys, ValidationError::PublicUrl("ftp://x".into())]
+        );
     }
 }

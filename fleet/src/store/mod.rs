@@ -9,7 +9,9 @@
 mod devices;
 mod events;
 mod latency;
+mod models;
 mod retention;
+mod rollouts;
 mod stats;
 
 use std::time::Duration;
@@ -17,10 +19,12 @@ use std::time::Duration;
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::{AnyPool, Executor};
 
-pub use devices::{DeviceRow, DeviceStatusUpdate};
+pub use devices::{DeviceRow, DeviceStatusUpdate, DeviceUpdateRow};
 pub use events::{EventFilter, EventPage, InsertOutcome, StoredEvent};
 pub use latency::{LatencyHistogram, Percentiles, quantize_latency};
+pub use models::ModelRecord;
 pub use retention::RetentionReport;
+pub use rollouts::{AssignmentRow, RolloutChange, RolloutRecord};
 pub use stats::{GroupBy, LatencyDistributions, StatsQuery, StatsReport, StatsRow};
 
 use crate::config::StoreConfig;

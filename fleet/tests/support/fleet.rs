@@ -13,6 +13,7 @@ pub struct TestFleet {
     pub api: SocketAddr,
     pub mqtt: Option<SocketAddr>,
     pub mqtts: Option<SocketAddr>,
+    config: FleetConfig,
 }
 
 impl TestFleet {
@@ -26,14 +27,25 @@ impl TestFleet {
         config.api.listen = "127.0.0.1:0".parse().unwrap();
         configure(&mut config, dir.path());
         config.validate().unwrap_or_else(|e| panic!("{e:?}"));
-        let fleet = tandem_fleet::serve::start(config).await.expect("the fleet starts");
+        let fleet = tandem_fleet::serve::start(config.clone()).await.expect("the fleet starts");
         Self {
             api: fleet.api_address,
             mqtt: fleet.mqtt_address,
             mqtts: fleet.mqtts_address,
             fleet: Some(fleet),
             dir,
+            config,
         }
+    }
+
+    /// Stops the fleet and starts it again with the same configuration, database and ports, as
+    /// after a crash: everything it knows must come from the database.
+    pub async fn restart(&mut self) {
+        self.stop().await;
+        self.config.api.listen = self.api;
+        self.config.mqtt.embedded.listen = self.mqtt;
+        let fleet = tandem_fleet::serve::start(self.config.clone()).await.expect("the fleet starts again");
+        self.fleet = Some(fleet);
     }
 
     pub fn api_url(&self, path: &str) -> String {
