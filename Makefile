@@ -9,7 +9,7 @@ export ORT_VERSION
 
 CARGO ?= cargo
 
-.PHONY: all ort build test demo bench clean-ort cross package
+.PHONY: all ort build test demo bench models clean-ort cross package
 
 all: build
 
@@ -34,6 +34,10 @@ demo: ort build
 
 bench: ort
 	scripts/bench.sh
+
+# The demo's signed Countdown policies under models/, trained by our own trainer (about an hour).
+models:
+	scripts/models.sh
 
 clean-ort:
 	rm -rf $(ORT_DIR)

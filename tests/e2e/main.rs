@@ -6,6 +6,7 @@ mod cli;
 mod daemon_api;
 mod daemon_process;
 mod daemon_telemetry;
+mod demo_models;
 mod fixtures;
 mod fleet_dashboard;
 mod fleet_faults;

@@ -177,6 +177,13 @@ enum Command {
         /// Replace an existing bundle at --out.
         #[arg(long)]
         overwrite: bool,
+        /// The training run that produced the checkpoint (its out_dir): the sha256 of its
+        /// configuration and data files and its final evaluation are recorded in the manifest.
+        #[arg(long, value_name = "RUN_DIR")]
+        run: Option<PathBuf>,
+        /// Version of the bundle the checkpoint was trained from, recorded in the manifest.
+        #[arg(long)]
+        parent_version: Option<String>,
     },
     /// Create an ed25519 key pair for signing bundles: NAME.key (secret, mode 0600) and NAME.pub
     /// (for the devices' `trusted_bundle_keys`).
@@ -268,7 +275,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 .with_context(|| format!("writing {}", out.join("tokenizer_config.json").display()))?;
             println!("created a {preset:?} model (seed {seed}) in {}", out.display());
         }
-        Command::Export { from, out, name, version, external_data, attention, overwrite } => {
+        Command::Export {
+            from,
+            out,
+            name,
+            version,
+            external_data,
+            attention,
+            overwrite,
+            run,
+            parent_version,
+        } => {
             let name = name
                 .or_else(|| from.file_name().map(|n| n.to_string_lossy().into_owned()))
                 .unwrap_or_else(|| "model".into());
@@ -283,6 +300,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     AttentionArg::Gqa => AttentionKind::GroupQueryAttention,
                 },
                 overwrite,
+                parent_version,
+                run: run
+                    .as_deref()
+                    .map(tandem_train::export::run_record::read_run_record)
+                    .transpose()
+                    .context("reading the training run for the manifest")?,
                 ..ExportOptions::new(name, version)
             };
             let manifest = export_bundle(&from, &out, &options)

@@ -115,9 +115,10 @@ pub fn write_bundle(
         provenance: Provenance {
             parent_version: opts.parent_version.clone(),
             source: Some(source_name(checkpoint_dir)),
-            ..Provenance::default()
+            training_config_sha256: opts.run.as_ref().map(|run| run.config_sha256.clone()),
+            data_sha256: opts.run.as_ref().map(|run| run.data_sha256.clone()).unwrap_or_default(),
         },
-        evaluation: BTreeMap::new(),
+        evaluation: opts.run.as_ref().map(|run| run.evaluation.clone()).unwrap_or_default(),
         signature: None,
     };
     if manifest.eos_token_ids.is_empty() {

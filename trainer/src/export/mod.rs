@@ -15,6 +15,7 @@ mod decoder_graph;
 mod genai_config;
 pub mod graph_builder;
 pub mod onnx_proto;
+pub mod run_record;
 
 use std::path::{Path, PathBuf};
 
@@ -125,7 +126,7 @@ pub enum AttentionKind {
 }
 
 /// How [`export_bundle`] packages a checkpoint.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ExportOptions {
     /// Where the weights go.
     pub external_data: ExternalData,
@@ -141,6 +142,9 @@ pub struct ExportOptions {
     pub help_marker: Option<String>,
     /// Version of the bundle these weights were trained from, for the manifest's provenance.
     pub parent_version: Option<String>,
+    /// The training run that produced the weights: its configuration's and data's digests and its
+    /// final evaluation go into the manifest.
+    pub run: Option<run_record::RunRecord>,
 }
 
 impl ExportOptions {
@@ -155,6 +159,7 @@ impl ExportOptions {
             overwrite: false,
             help_marker: None,
             parent_version: None,
+            run: None,
         }
     }
 }
