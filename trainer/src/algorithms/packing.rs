@@ -10,10 +10,12 @@
 //! packed layout, so both halves keep the packed rows' masks and positions, and the numbers are
 //! those of the full rows up to float rounding.
 
-use candle_core::{D, DType, Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 
+use crate::model::fused::target_logprobs;
 use crate::model::{Decoder, KvCache, Mode};
 use crate::rollout::padding::PAD_ID;
+use crate::rollout::prompt_groups::PromptGroups;
 
 /// Rows packed as tensors.
 #[derive(Debug, Clone)]
@@ -36,39 +38,6 @@ pub struct PackedRows {
     pub response_width: usize,
     /// Which rows share a prompt.
     pub prompt_groups: PromptGroups,
-}
-
-/// Runs of consecutive rows with equal prompts.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PromptGroups {
-    /// For each row, the index of its group.
-    pub group_of_row: Vec<u32>,
-    /// For each group, the index of its first row.
-    pub first_row: Vec<u32>,
-}
-
-impl PromptGroups {
-    /// Groups the consecutive equal items of `prompts`.
-    pub fn of<T: PartialEq>(prompts: &[T]) -> Self {
-        let mut groups = Self { group_of_row: Vec::with_capacity(prompts.len()), first_row: Vec::new() };
-        for (row, prompt) in prompts.iter().enumerate() {
-            if row == 0 || prompts[row - 1] != *prompt {
-                groups.first_row.push(row as u32);
-            }
-            groups.group_of_row.push(groups.first_row.len() as u32 - 1);
-        }
-        groups
-    }
-
-    /// One group per row: nothing shared.
-    pub fn unshared(rows: usize) -> Self {
-        Self { group_of_row: (0..rows as u32).collect(), first_row: (0..rows as u32).collect() }
-    }
-
-    /// Whether some group has more than one row.
-    pub fn shares(&self) -> bool {
-        self.first_row.len() < self.group_of_row.len()
-    }
 }
 
 /// Packs `(prompt, response)` rows. Every response must have at least one token.
@@ -175,10 +144,5 @@ pub fn response_logprobs(
         hidden.narrow(1, split, rows.response_width)?
     };
     let logits = decoder.logits(&predicting)?.to_dtype(DType::F32)?;
-    let logits = if temperature == 1.0 { logits } else { (logits / temperature)? };
-    let log_probs = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
-    log_probs
-        .contiguous()?
-        .gather(&rows.targets.contiguous()?.unsqueeze(D::Minus1)?, D::Minus1)?
-        .squeeze(D::Minus1)
+    target_logprobs(&logits, &rows.targets, temperature)
 }

@@ -1,14 +1,16 @@
 //! The decoder: Qwen2 and Llama in one implementation, with Hugging Face tensor names.
 //!
-//! Two modes share the weights. `Mode::Train` uses only differentiable ops (composed RMSNorm and
-//! softmax) so gradients reach every weight; `Mode::Infer` uses candle's fused kernels, which have
-//! no backward pass. RoPE is computed from `position_ids`, padding is an explicit mask, and the KV
-//! cache is kept outside the model, so one `&Decoder` serves rollouts and training alike.
+//! Two modes share the weights. `Mode::Train` uses only differentiable ops (composed RMSNorm, our
+//! fused softmax with its backward) so gradients reach every weight; `Mode::Infer` uses candle's
+//! fused kernels, which have no backward pass. RoPE is computed from `position_ids`, padding is an
+//! explicit mask, and the KV cache is kept outside the model, so one `&Decoder` serves rollouts and
+//! training alike.
 
 use candle_core::{D, DType, Device, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use super::config::ModelConfig;
+use super::fused::softmax_last_dim;
 use super::kv_cache::KvCache;
 
 /// Which ops the forward pass uses.
@@ -181,26 +183,23 @@ impl Attention {
             }
             None => (k, v),
         };
-        let k = self.repeat_kv(&k)?;
-        let v = self.repeat_kv(&v)?;
-        let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let scores = (q.contiguous()?.matmul(&k.t()?.contiguous()?)? * scale)?.broadcast_add(mask)?;
+        // Grouped-query attention: query head `h` uses key/value head `h / rep`, so the `rep` query
+        // heads of a key/value head are stacked as `rep · s` rows of one matmul against it (no
+        // copy of the keys and values per query head).
+        let (kv, t, hd) = (self.num_kv_heads, k.dim(2)?, self.head_dim);
+        let rep = self.num_heads / kv;
+        let q = q.contiguous()?.reshape((b, kv, rep * s, hd))?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let scores = (q.matmul(&k.contiguous()?.t()?)? * scale)?
+            .reshape((b, self.num_heads, s, t))?
+            .broadcast_add(mask)?;
         let weights = match mode {
-            Mode::Train => candle_nn::ops::softmax(&scores, D::Minus1)?,
+            Mode::Train => softmax_last_dim(&scores)?,
             Mode::Infer => candle_nn::ops::softmax_last_dim(&scores)?,
         };
-        let out = weights.matmul(&v.contiguous()?)?.transpose(1, 2)?.reshape((b, s, ()))?;
+        let out = weights.reshape((b, kv, rep * s, t))?.matmul(&v.contiguous()?)?;
+        let out = out.reshape((b, self.num_heads, s, hd))?.transpose(1, 2)?.reshape((b, s, ()))?;
         self.o_proj.forward(&out)
-    }
-
-    /// Grouped-query attention: each key/value head serves `num_heads / num_kv_heads` query heads.
-    fn repeat_kv(&self, x: &Tensor) -> Result<Tensor> {
-        let rep = self.num_heads / self.num_kv_heads;
-        if rep == 1 {
-            return Ok(x.clone());
-        }
-        let (b, kv, t, d) = x.dims4()?;
-        x.unsqueeze(2)?.expand((b, kv, rep, t, d))?.reshape((b, kv * rep, t, d))
     }
 }
 

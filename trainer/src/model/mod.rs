@@ -3,6 +3,7 @@
 pub mod checkpoint;
 pub mod config;
 pub mod decoder;
+pub mod fused;
 pub mod kv_cache;
 pub mod presets;
 pub mod weights;

@@ -12,13 +12,14 @@
 
 pub mod noise;
 pub mod padding;
+pub mod prompt_groups;
 
 use candle_core::{D, DType, Tensor};
 
-use crate::algorithms::packing::PromptGroups;
 use crate::model::{Decoder, KvCache, Mode};
 use noise::GumbelNoise;
 use padding::{LeftPadded, PAD_ID};
+use prompt_groups::PromptGroups;
 
 /// Added to the scores of banned tokens: finite, so a softmax over them stays NaN-free.
 const BANNED_SCORE: f32 = -1e30;
@@ -63,14 +64,30 @@ pub struct Completion {
     pub finish: Finish,
 }
 
-/// Generates one completion per prompt (repeat a prompt to draw several samples of it).
+/// Generates one completion per prompt (repeat a prompt to draw several samples of it; consecutive
+/// repeats share one prefill).
 pub fn generate(
     decoder: &Decoder,
     prompts: &[Vec<u32>],
     spec: &GenerationSpec,
     noise: &mut GumbelNoise,
 ) -> candle_core::Result<Vec<Completion>> {
+    generate_grouped(decoder, prompts, &PromptGroups::of(prompts), spec, noise)
+}
+
+/// [`generate`] with the prefill shared as `groups` says: each group's prompt is prefilled once for
+/// all its rows (`PromptGroups::unshared` prefills every row).
+pub fn generate_grouped(
+    decoder: &Decoder,
+    prompts: &[Vec<u32>],
+    groups: &PromptGroups,
+    spec: &GenerationSpec,
+    noise: &mut GumbelNoise,
+) -> candle_core::Result<Vec<Completion>> {
     let rows = prompts.len();
+    if !groups.fits(prompts) {
+        candle_core::bail!("the prompt groups do not describe these {rows} prompts");
+    }
     if rows == 0 || spec.max_new_tokens == 0 {
         return Ok(prompts
             .iter()
@@ -82,7 +99,6 @@ pub fn generate(
     }
     let device = decoder.device().clone();
     let vocab = decoder.config().vocab_size;
-    let groups = PromptGroups::of(prompts);
     let distinct: Vec<Vec<u32>> = groups.first_row.iter().map(|&row| prompts[row as usize].clone()).collect();
     let padded = LeftPadded::new(&distinct);
     let (ids, mut mask, positions) = padded.tensors(&device)?;

@@ -10,5 +10,6 @@ mod estimator;
 mod eval_protocol;
 mod guards;
 mod lora;
+mod prefix_sharing;
 mod resume;
 mod rollouts;
