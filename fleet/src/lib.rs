@@ -7,7 +7,7 @@
 //! Parts, each in its folder: `config` (plain data), `store` (the database), `ingest` (validate,
 //! batch, write, then acknowledge), `broker` (the embedded MQTT broker), `external` (the client of
 //! an external broker), `gateway` (offload), `registry` (signed bundles), `rollout` (staged
-//! rollouts), `api` (HTTP + dashboard), `loadgen` (simulated devices), `serve` (wiring it all
+//! rollouts), `scheduler` (retraining jobs), `api` (HTTP + dashboard), `loadgen` (simulated devices), `serve` (wiring it all
 //! together).
 
 pub mod api;
@@ -23,5 +23,6 @@ pub mod loadgen;
 pub mod metrics;
 pub mod registry;
 pub mod rollout;
+pub mod scheduler;
 pub mod serve;
 pub mod store;

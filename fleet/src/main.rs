@@ -47,6 +47,31 @@ enum Command {
         #[command(subcommand)]
         command: RegistryCommand,
     },
+    /// Retraining jobs (`[scheduler]` in the configuration), through the running fleet's API.
+    Jobs {
+        #[command(subcommand)]
+        command: JobsCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum JobsCommand {
+    /// Start a job of a template on the running fleet and wait for it, printing its state and log
+    /// as it goes, then the job as JSON; exit 0 when it succeeded, 1 otherwise.
+    Run {
+        #[command(flatten)]
+        config: ConfigArgs,
+        /// The job template (`[[scheduler.template]]` name).
+        #[arg(long)]
+        template: String,
+        /// Set a key of the run configuration: `--set run.steps=200` (the value is TOML; text
+        /// that is not TOML is taken as a string).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        overrides: Vec<String>,
+        /// The fleet's API (default: http:// and api.listen of the configuration).
+        #[arg(long)]
+        url: Option<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -258,8 +283,95 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             println!("{}", serde_json::to_string_pretty(&report)?);
         }
         Command::Registry { command } => registry(command)?,
+        Command::Jobs { command: JobsCommand::Run { config, template, overrides, url } } => {
+            let config = load_valid(&config)?;
+            return runtime()?.block_on(jobs_run(&config, &template, &overrides, url));
+        }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `jobs run`: POST /v1/jobs, then GET /v1/jobs/{id} every second until the job ends.
+async fn jobs_run(
+    config: &FleetConfig,
+    template: &str,
+    overrides: &[String],
+    url: Option<String>,
+) -> anyhow::Result<ExitCode> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let base = url.unwrap_or_else(|| {
+        let mut address = config.api.listen;
+        if address.ip().is_unspecified() {
+            address.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+        }
+        format!("http://{address}")
+    });
+    let base = base.trim_end_matches('/').to_string();
+    let token = config.api.token.as_ref().map(tandemd::offload::read_secret).transpose()?;
+    let mut set = serde_json::Map::new();
+    for item in overrides {
+        let (key, value) =
+            item.split_once('=').with_context(|| format!("--set {item}: expected KEY=VALUE"))?;
+        let value: toml::Value = toml::from_str::<toml::Table>(&format!("v = {value}"))
+            .ok()
+            .and_then(|mut t| t.remove("v"))
+            .unwrap_or_else(|| toml::Value::String(value.to_string()));
+        set.insert(key.to_string(), serde_json::to_value(value)?);
+    }
+    let client = reqwest::Client::builder().timeout(Duration::from_secs(30)).build()?;
+    let authorized = |request: reqwest::RequestBuilder| match &token {
+        Some(token) => request.bearer_auth(token.expose()),
+        None => request,
+    };
+    let body = serde_json::json!({ "template": template, "overrides": set });
+    let response = authorized(client.post(format!("{base}/v1/jobs")).json(&body))
+        .send()
+        .await
+        .with_context(|| format!("cannot reach the fleet at {base}"))?;
+    let status = response.status();
+    let job: serde_json::Value = response.json().await.context("the fleet's answer is not JSON")?;
+    if !status.is_success() {
+        bail!("the fleet refused the job ({status}): {}", job["error"].as_str().unwrap_or("no reason given"));
+    }
+    let id = job["id"].as_str().context("the fleet's answer has no job id")?.to_string();
+    eprintln!("job {id} ({template}): queued");
+    let (mut state, mut tail) = (String::from("queued"), Vec::<String>::new());
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let response = authorized(client.get(format!("{base}/v1/jobs/{id}"))).send().await;
+        let job: serde_json::Value = match response {
+            Ok(response) if response.status().is_success() => response.json().await?,
+            Ok(response) => bail!("GET /v1/jobs/{id}: {}", response.status()),
+            Err(error) => {
+                eprintln!("cannot reach the fleet ({error}); trying again");
+                continue;
+            }
+        };
+        let now: Vec<String> = job["log_tail"].as_str().unwrap_or("").lines().map(str::to_string).collect();
+        for line in new_lines(&tail, &now) {
+            eprintln!("  | {line}");
+        }
+        tail = now;
+        let current = job["state"].as_str().unwrap_or("unknown").to_string();
+        if current != state {
+            let reason = job["reason"].as_str().map(|r| format!(": {r}")).unwrap_or_default();
+            eprintln!("job {id}: {current}{reason}");
+            state = current;
+        }
+        if !matches!(state.as_str(), "queued" | "running") {
+            println!("{}", serde_json::to_string_pretty(&job)?);
+            return Ok(if state == "succeeded" { ExitCode::SUCCESS } else { ExitCode::from(1) });
+        }
+    }
+}
+
+/// The lines of `now` (a log's tail) after those already shown in `before` (its earlier tail).
+fn new_lines<'a>(before: &[String], now: &'a [String]) -> &'a [String] {
+    let overlap = (0..=before.len().min(now.len()))
+        .rev()
+        .find(|&k| before[before.len() - k..] == now[..k])
+        .unwrap_or(0);
+    &now[overlap..]
 }
 
 fn registry(command: RegistryCommand) -> anyhow::Result<()> {

@@ -23,6 +23,7 @@ use crate::ingest::{Ingest, StoredEvents};
 use crate::metrics::FleetMetrics;
 use crate::registry::{Registry, RegistryError};
 use crate::rollout::Rollouts;
+use crate::scheduler::Scheduler;
 use crate::store::{Store, StoreError, now_ms};
 
 /// How often the devices file is checked for changes.
@@ -188,6 +189,7 @@ pub async fn start(config: FleetConfig) -> Result<RunningFleet, ServeError> {
     let address = config.api.listen;
     let listener = api::bind(address).await.map_err(|source| ServeError::Api { address, source })?;
     let api_address = listener.local_addr().map_err(|source| ServeError::Api { address, source })?;
+    let mut scheduler_parts = (registry.clone(), None);
     if let Some(registry) = registry {
         let public_url = match config.registry.as_ref().and_then(|r| r.public_url.clone()) {
             Some(url) => url,
@@ -211,7 +213,17 @@ pub async fn start(config: FleetConfig) -> Result<RunningFleet, ServeError> {
         }
         let interval = Duration::from_millis(config.rollouts.evaluate_interval_ms);
         tasks.push(tokio::spawn(rollouts.clone().run(interval, shutdown.clone())));
+        scheduler_parts.1 = Some(rollouts.clone());
         api_state = api_state.with_registry(registry, rollouts);
+    }
+    if let Some(scheduler_config) = &config.scheduler {
+        let (registry, rollouts) = scheduler_parts;
+        let interval = Duration::from_secs(scheduler_config.evaluate_interval_secs);
+        let scheduler =
+            Scheduler::start(store.clone(), scheduler_config.clone(), registry, rollouts, shutdown.clone())
+                .await?;
+        tasks.push(tokio::spawn(scheduler.clone().run(interval)));
+        api_state = api_state.with_scheduler(scheduler);
     }
     let api_shutdown = shutdown.clone();
     tasks.push(tokio::spawn(async move {

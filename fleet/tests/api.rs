@@ -32,6 +32,8 @@ async fn fleet_with_token() -> TestFleet {
             trusted_keys: vec![support::bundle::public_key(dir, &support::bundle::key(1))],
             public_url: None,
         });
+        let scheduler = format!("work_dir = {:?}", dir.join("jobs").display().to_string());
+        config.scheduler = Some(toml::from_str(&scheduler).unwrap());
     })
     .await
 }

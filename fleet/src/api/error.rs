@@ -7,6 +7,7 @@ use serde_json::json;
 
 use crate::registry::RegistryError;
 use crate::rollout::RolloutError;
+use crate::scheduler::SchedulerError;
 use crate::store::StoreError;
 
 /// What went wrong with a request.
@@ -75,6 +76,19 @@ impl From<RolloutError> for ApiError {
             RolloutError::Invalid(message) => ApiError::BadRequest(message),
             RolloutError::Conflict(message) => ApiError::Conflict(message),
             RolloutError::Store(error) => ApiError::Store(error),
+        }
+    }
+}
+
+impl From<SchedulerError> for ApiError {
+    fn from(error: SchedulerError) -> Self {
+        match error {
+            SchedulerError::UnknownTemplate(_) | SchedulerError::RunConfig(_) => {
+                ApiError::BadRequest(error.to_string())
+            }
+            SchedulerError::Busy(_) => ApiError::Conflict(error.to_string()),
+            SchedulerError::NotFound(_) => ApiError::NotFound(error.to_string()),
+            SchedulerError::Store(error) => ApiError::Store(error),
         }
     }
 }

@@ -1,10 +1,11 @@
 //! The operator API (axum): devices, statistics, raw events, the gateway's budgets, the model
-//! registry and rollouts under `/v1/` (bearer token), plus `/healthz`, `/metrics` (Prometheus),
+//! registry, rollouts and retraining jobs under `/v1/` (bearer token), plus `/healthz`, `/metrics` (Prometheus),
 //! `/openapi.json` and the dashboard. Devices use two `/v1/` routes without the operator's token:
 //! bundle downloads and their own assignment (see `routes::DEVICE_PATHS`).
 
 mod dashboard;
 mod error;
+mod jobs;
 mod models;
 mod openapi;
 mod query;
@@ -29,6 +30,7 @@ use crate::gateway::BudgetBook;
 use crate::metrics::FleetMetrics;
 use crate::registry::Registry;
 use crate::rollout::Rollouts;
+use crate::scheduler::Scheduler;
 use crate::store::Store;
 use error::ApiError;
 
@@ -49,6 +51,8 @@ pub struct ApiState {
     pub registry: Option<Arc<Registry>>,
     /// The rollout service (with the registry).
     pub rollouts: Option<Arc<Rollouts>>,
+    /// The retraining scheduler, when configured.
+    pub scheduler: Option<Arc<Scheduler>>,
     token: Option<Arc<Secret>>,
 }
 
@@ -70,6 +74,7 @@ impl ApiState {
             mqtt_ready: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             registry: None,
             rollouts: None,
+            scheduler: None,
             token: token.map(Arc::new),
         }
     }
@@ -78,6 +83,12 @@ impl ApiState {
     pub fn with_registry(mut self, registry: Arc<Registry>, rollouts: Arc<Rollouts>) -> Self {
         self.registry = Some(registry);
         self.rollouts = Some(rollouts);
+        self
+    }
+
+    /// The same state with the retraining scheduler.
+    pub fn with_scheduler(mut self, scheduler: Arc<Scheduler>) -> Self {
+        self.scheduler = Some(scheduler);
         self
     }
 }

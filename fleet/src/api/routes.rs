@@ -14,7 +14,7 @@ use super::ApiState;
 use super::error::ApiError;
 use super::openapi::OPENAPI_JSON;
 use super::query::{EventParams, StatsParams};
-use super::{dashboard, models, rollouts};
+use super::{dashboard, jobs, models, rollouts};
 use crate::metrics::OPENMETRICS_CONTENT_TYPE;
 
 /// The `/v1/` routes devices call without the operator's token: bundle downloads (the bundles are
@@ -50,6 +50,10 @@ pub fn v1() -> Router<ApiState> {
         .route("/v1/rollouts/{id}/pause", post(rollouts::pause))
         .route("/v1/rollouts/{id}/resume", post(rollouts::resume))
         .route("/v1/rollouts/{id}/abort", post(rollouts::abort))
+        .route("/v1/jobs", get(jobs::list).post(jobs::create))
+        .route("/v1/jobs/{id}", get(jobs::show))
+        .route("/v1/jobs/{id}/cancel", post(jobs::cancel))
+        .route("/v1/datasets/export", get(jobs::export))
 }
 
 async fn health(State(state): State<ApiState>) -> Response {

@@ -3,6 +3,7 @@
 //! never binds a port or opens a database; [`FleetConfig::validate`] says what is wrong and why.
 
 mod load;
+mod scheduler;
 mod validate;
 
 use std::net::SocketAddr;
@@ -13,6 +14,9 @@ use tandem_core::budget::BudgetPolicy;
 use tandemd::offload::{CircuitBreakerConfig, HttpsCloudConfig, SecretSource};
 
 pub use load::{ConfigError, DEFAULT_CONFIG_PATH, load_config};
+pub use scheduler::{
+    CallRatioRule, JobTemplate, NewPromptsRule, RunnerKind, SchedulerConfig, default_commands,
+};
 pub use validate::ValidationError;
 
 /// The whole configuration of `tandem-fleet serve`.
@@ -47,6 +51,9 @@ pub struct FleetConfig {
     /// Staged rollouts of registered models (they need `[registry]`).
     #[serde(default)]
     pub rollouts: RolloutsConfig,
+    /// Retraining jobs (see docs/fleet.md, "Retraining"). Absent: no scheduler.
+    #[serde(default)]
+    pub scheduler: Option<SchedulerConfig>,
 }
 
 /// The model registry: where registered bundles are kept, whose signatures it accepts, and the

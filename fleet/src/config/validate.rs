@@ -40,6 +40,8 @@ pub enum ValidationError {
     PublicUrl(String),
     #[error("rollouts.evaluate_interval_ms must be at least 10")]
     EvaluateInterval,
+    #[error("scheduler.{0}")]
+    Scheduler(String),
 }
 
 impl FleetConfig {
@@ -138,7 +140,49 @@ impl FleetConfig {
         if self.rollouts.evaluate_interval_ms < 10 {
             errors.push(ValidationError::EvaluateInterval);
         }
+        if let Some(scheduler) = &self.scheduler {
+            errors.extend(self.scheduler_problems(scheduler).into_iter().map(ValidationError::Scheduler));
+        }
         if errors.is_empty() { Ok(()) } else { Err(errors) }
+    }
+
+    fn scheduler_problems(&self, scheduler: &super::SchedulerConfig) -> Vec<String> {
+        let mut problems = Vec::new();
+        if scheduler.runner == super::RunnerKind::Command
+            && !scheduler.command_template.as_deref().is_some_and(|t| t.contains("{command}"))
+        {
+            problems.push("runner = \"command\" needs a command_template with {command}".into());
+        }
+        if scheduler.evaluate_interval_secs == 0 {
+            problems.push("evaluate_interval_secs must be at least 1".into());
+        }
+        if scheduler.register && self.registry.is_none() {
+            problems.push("register = true needs a [registry] (or set register = false)".into());
+        }
+        if scheduler.rollout && !scheduler.register {
+            problems.push("rollout = true needs register = true".into());
+        }
+        let mut names = std::collections::BTreeSet::new();
+        for template in &scheduler.template {
+            let name = &template.name;
+            if name.is_empty() || !names.insert(name.as_str()) {
+                problems.push(format!("template `{name}`: names must be non-empty and unique"));
+            }
+            if template.commands.is_empty() && template.signing_key.is_none() {
+                problems.push(format!(
+                    "template `{name}`: the default commands sign the bundle: set signing_key, or commands"
+                ));
+            }
+            if template.every_hours.is_some_and(|h| h.is_nan() || h <= 0.0) {
+                problems.push(format!("template `{name}`: every_hours must be above 0"));
+            }
+            if let Some(rule) = &template.call_ratio
+                && !(0.0 <= rule.low && rule.low <= rule.high && rule.high <= 1.0)
+            {
+                problems.push(format!("template `{name}`: call_ratio needs 0 <= low <= high <= 1"));
+            }
+        }
+        problems
     }
 }
 
@@ -176,5 +220,18 @@ mod tests {
             config.validate().unwrap_err(),
             vec![ValidationError::NoTrustedKeys, ValidationError::PublicUrl("ftp://x".into())]
         );
+    }
+
+    #[test]
+    fn the_scheduler_needs_a_registry_to_register_and_a_template_to_sign_or_run_commands() {
+        let config = parse_config(
+            "[mqtt.embedded]\nallow_anonymous = true\n[scheduler]\nwork_dir = \"/j\"\nrunner = \"command\"\n\
+             [[scheduler.template]]\nname = \"t\"\nrun_config = \"r.toml\"\ncall_ratio = { low = 0.5, high = 0.2 }\n",
+        )
+        .unwrap();
+        let errors = config.validate().unwrap_err();
+        assert_eq!(errors.len(), 4, "{errors:?}");
+        assert!(errors.iter().all(|e| matches!(e, ValidationError::Scheduler(_))));
+        assert!(errors[0].to_string().contains("command_template"), "{}", errors[0]);
     }
 }

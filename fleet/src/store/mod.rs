@@ -8,6 +8,7 @@
 
 mod devices;
 mod events;
+mod jobs;
 mod latency;
 mod models;
 mod retention;
@@ -21,6 +22,7 @@ use sqlx::{AnyPool, Executor};
 
 pub use devices::{DeviceRow, DeviceStatusUpdate, DeviceUpdateRow};
 pub use events::{EventFilter, EventPage, InsertOutcome, StoredEvent};
+pub use jobs::{CollectedPrompt, JobOutputs, JobRecord, JobState, VersionTraffic};
 pub use latency::{LatencyHistogram, Percentiles, quantize_latency};
 pub use models::ModelRecord;
 pub use retention::RetentionReport;
