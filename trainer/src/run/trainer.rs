@@ -776,13 +776,9 @@ impl Trainer {
             .iter()
             .filter_map(|r| if let MetricsRecord::Train(m) = r { m.reward } else { None })
             .collect();
-        if rewards.len() < window {
-            return Ok(());
-        }
-        let recent = rewards[rewards.len() - window..].iter().sum::<f64>() / window as f64;
-        let best = self.best_window.map_or(recent, |b| b.max(recent));
-        self.best_window = Some(best);
-        if rewards.len() >= 2 * window && best > 0.0 && recent < guard.collapse_fraction * best {
+        let (best, collapsed) = reward_collapse(&rewards, self.best_window, window, guard.collapse_fraction);
+        self.best_window = best;
+        if let Some((recent, best)) = collapsed {
             return Err(RunError::RewardCollapse {
                 step: self.step,
                 window,
@@ -794,6 +790,25 @@ impl Trainer {
         }
         Ok(())
     }
+}
+
+/// The reward-collapse rule over the per-step mean rewards so far: the best mean of `window`
+/// consecutive steps is tracked (from `best_so_far`), and once there are at least `2·window` steps,
+/// a last window whose mean is below `fraction` × that best is a collapse. Returns the updated best
+/// and, on a collapse, `(recent mean, best mean)`.
+fn reward_collapse(
+    rewards: &[f64],
+    best_so_far: Option<f64>,
+    window: usize,
+    fraction: f64,
+) -> (Option<f64>, Option<(f64, f64)>) {
+    if window == 0 || rewards.len() < window {
+        return (best_so_far, None);
+    }
+    let recent = rewards[rewards.len() - window..].iter().sum::<f64>() / window as f64;
+    let best = best_so_far.map_or(recent, |b| b.max(recent));
+    let collapsed = rewards.len() >= 2 * window && best > 0.0 && recent < fraction * best;
+    (Some(best), collapsed.then_some((recent, best)))
 }
 
 /// `[rows, width]` rollout log-probabilities, zero-padded.
@@ -837,4 +852,45 @@ pub fn describe_eval(report: &EvalReport) -> String {
         line.push_str(&format!(" | random offloading {:.1}%", 100.0 * random.accuracy));
     }
     line
+}
+
+#[cfg(test)]
+mod collapse_tests {
+    use super::reward_collapse;
+
+    /// Feeds rewards one step at a time, as the trainer does, and returns the first collapse.
+    fn first_collapse(rewards: &[f64], window: usize, fraction: f64) -> Option<(usize, f64, f64)> {
+        let mut best = None;
+        for step in 1..=rewards.len() {
+            let (next, collapsed) = reward_collapse(&rewards[..step], best, window, fraction);
+            best = next;
+            if let Some((recent, best)) = collapsed {
+                return Some((step, recent, best));
+            }
+        }
+        None
+    }
+
+    #[test]
+    fn a_steady_or_rising_reward_never_collapses() {
+        let rising: Vec<f64> = (0..40).map(|i| 0.3 + i as f64 * 0.01).collect();
+        assert_eq!(first_collapse(&rising, 5, 0.5), None);
+        assert_eq!(first_collapse(&[0.4; 40], 5, 0.5), None);
+    }
+
+    #[test]
+    fn a_reward_falling_below_the_fraction_of_the_best_window_collapses() {
+        let mut rewards = vec![1.0; 10];
+        rewards.extend([0.2; 10]);
+        let (step, recent, best) = first_collapse(&rewards, 5, 0.5).expect("a collapse");
+        assert_eq!(best, 1.0);
+        assert!(recent < 0.5, "{recent}");
+        assert_eq!(step, 14, "the last 5 steps' mean first drops below 0.5 at step 14 (4 of them at 0.2: 0.36)");
+    }
+
+    #[test]
+    fn nothing_is_judged_before_two_windows_or_when_the_best_is_not_positive() {
+        assert_eq!(first_collapse(&[1.0, 1.0, 0.0], 2, 0.5), None, "3 steps < 2 windows of 2");
+        assert_eq!(first_collapse(&[0.0; 10], 2, 0.5), None, "a best of 0 cannot collapse");
+    }
 }
