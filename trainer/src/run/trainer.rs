@@ -885,7 +885,10 @@ mod collapse_tests {
         let (step, recent, best) = first_collapse(&rewards, 5, 0.5).expect("a collapse");
         assert_eq!(best, 1.0);
         assert!(recent < 0.5, "{recent}");
-        assert_eq!(step, 14, "the last 5 steps' mean first drops below 0.5 at step 14 (4 of them at 0.2: 0.36)");
+        assert_eq!(
+            step, 14,
+            "the last 5 steps' mean first drops below 0.5 at step 14 (4 of them at 0.2: 0.36)"
+        );
     }
 
     #[test]
