@@ -4,6 +4,7 @@
 
 mod assignment;
 mod offload;
+pub mod openai;
 mod status;
 mod telemetry;
 mod topics;

@@ -8,14 +8,12 @@ use std::time::{Duration, Instant};
 use futures::future::BoxFuture;
 use reqwest::header::{HeaderMap, HeaderValue};
 use serde::Serialize;
-use serde_json::Value;
+use tandem_core::protocol::openai;
 use tandem_core::protocol::{ChatMessage, OffloadRequest, Transport};
 
 use super::secret::{SecretError, read_secret};
 use super::{CloudAnswer, HttpsCloudConfig, OffloadError, OffloadTransport};
 
-/// The path of the chat-completions API under an OpenAI-compatible base URL.
-const COMPLETIONS_PATH: &str = "/v1/chat/completions";
 /// Largest response body read; anything longer is not a plausible chat completion.
 const MAX_RESPONSE_BYTES: usize = 8 * 1024 * 1024;
 /// Characters of a non-2xx body kept in the error.
@@ -85,14 +83,7 @@ pub fn completions_url(base: &str) -> Result<reqwest::Url, HttpsSetupError> {
     if url.host_str().is_none() {
         return Err(invalid("no host".into()));
     }
-    let path = url.path().trim_end_matches('/').to_string();
-    let path = if path.ends_with("/chat/completions") {
-        path
-    } else if path.ends_with("/v1") {
-        format!("{path}/chat/completions")
-    } else {
-        format!("{path}{COMPLETIONS_PATH}")
-    };
+    let path = openai::completions_path(url.path());
     url.set_path(&path);
     Ok(url)
 }
@@ -269,61 +260,19 @@ pub(crate) struct ParsedCompletion {
     pub completion_tokens: u32,
 }
 
-/// Parses an OpenAI chat-completion body leniently: the first choice's message content (a string,
-/// or an array of text parts), the model (the configured one when absent), and usage (zero when
-/// absent).
+/// Parses an OpenAI chat-completion body ([`openai::parse_completion`]); the model is the
+/// configured one when the body names none.
 pub(crate) fn parse_completion(
     body: &[u8],
     configured_model: &str,
 ) -> Result<ParsedCompletion, OffloadError> {
-    let invalid = |what: String| OffloadError::InvalidResponse(what);
-    let value: Value = serde_json::from_slice(body).map_err(|e| {
-        let snippet: String = String::from_utf8_lossy(body).chars().take(ERROR_BODY_CHARS).collect();
-        invalid(format!("not JSON ({e}): {snippet:?}"))
-    })?;
-    if let Some(error) = value.get("error").filter(|e| !e.is_null()) {
-        let message =
-            error.get("message").and_then(Value::as_str).map_or_else(|| error.to_string(), String::from);
-        return Err(invalid(format!("the body is an error: {message}")));
-    }
-    let choices =
-        value.get("choices").and_then(Value::as_array).ok_or_else(|| invalid("no `choices` array".into()))?;
-    let choice = choices.first().ok_or_else(|| invalid("`choices` is empty".into()))?;
-    let message = choice.get("message").ok_or_else(|| invalid("the first choice has no `message`".into()))?;
-    let content = match message.get("content") {
-        Some(Value::String(text)) => text.clone(),
-        Some(Value::Array(parts)) => {
-            let texts: Vec<&str> = parts
-                .iter()
-                .filter(|part| part.get("type").and_then(Value::as_str).is_none_or(|t| t == "text"))
-                .filter_map(|part| part.get("text").and_then(Value::as_str))
-                .collect();
-            if texts.is_empty() {
-                return Err(invalid("the message content has no text part".into()));
-            }
-            texts.concat()
-        }
-        _ => {
-            let refusal = message.get("refusal").and_then(Value::as_str);
-            return Err(invalid(match refusal {
-                Some(refusal) => format!("the model refused: {refusal}"),
-                None => "the first choice's message has no text content".into(),
-            }));
-        }
-    };
-    let model = value.get("model").and_then(Value::as_str).unwrap_or(configured_model).to_string();
-    let usage = value.get("usage");
-    let count = |field: &str| {
-        usage
-            .and_then(|u| u.get(field))
-            .and_then(Value::as_u64)
-            .map_or(0, |n| u32::try_from(n).unwrap_or(u32::MAX))
-    };
+    let completion =
+        openai::parse_completion(body).map_err(|invalid| OffloadError::InvalidResponse(invalid.0))?;
     Ok(ParsedCompletion {
-        content,
-        model,
-        prompt_tokens: count("prompt_tokens"),
-        completion_tokens: count("completion_tokens"),
+        content: completion.content,
+        model: completion.model.unwrap_or_else(|| configured_model.to_string()),
+        prompt_tokens: completion.prompt_tokens,
+        completion_tokens: completion.completion_tokens,
     })
 }
 

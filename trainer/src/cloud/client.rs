@@ -3,8 +3,10 @@
 //! The request is the one the daemon's HTTPS offload sends (`daemon/src/offload/https.rs`): the
 //! original question as the only user turn (no system prompt, no local attempt, as in the paper),
 //! `max_tokens`, an optional temperature, `stream: false`; the answer is the first choice's message
-//! content (a string or text parts). The daemon's client is not reused because depending on `tandemd`
-//! would pull the whole daemon (ONNX Runtime bindings, MQTT, the API server) into the trainer.
+//! content (a string or text parts). The wire format (endpoint path, reading an answer) is core's
+//! [`tandem_core::protocol::openai`], shared with the daemon; the transport is the trainer's own,
+//! because depending on `tandemd` would pull the whole daemon (ONNX Runtime bindings, MQTT, the API
+//! server) into the trainer.
 //! Requests to one batch run concurrently (bounded) on a private Tokio runtime; timeouts, HTTP 429
 //! and 5xx are retried with backoff.
 
@@ -12,8 +14,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
-use tandem_core::protocol::ChatMessage;
+use tandem_core::protocol::{ChatMessage, openai};
 use tandem_core::tasks::templates::cloud_messages;
 
 use super::{CloudError, CloudTransport};
@@ -207,57 +208,23 @@ fn is_retryable(error: &CloudError) -> bool {
     }
 }
 
-/// The chat-completions URL of a base URL (the daemon's rule): kept when it ends with
-/// `/chat/completions`, `/chat/completions` appended after `/v1`, else `/v1/chat/completions`.
+/// The chat-completions URL of a base URL ([`openai::completions_path`], the daemon's rule).
 pub fn completions_url(base: &str) -> Result<reqwest::Url, CloudError> {
     let invalid = |reason: String| CloudError::Setup(format!("cloud url `{base}`: {reason}"));
     let mut url = reqwest::Url::parse(base.trim()).map_err(|e| invalid(e.to_string()))?;
     if !matches!(url.scheme(), "http" | "https") {
         return Err(invalid(format!("scheme `{}` is not http or https", url.scheme())));
     }
-    let path = url.path().trim_end_matches('/').to_string();
-    let path = if path.ends_with("/chat/completions") {
-        path
-    } else if path.ends_with("/v1") {
-        format!("{path}/chat/completions")
-    } else {
-        format!("{path}/v1/chat/completions")
-    };
+    let path = openai::completions_path(url.path());
     url.set_path(&path);
     Ok(url)
 }
 
-/// The first choice's message content of a chat completion (a string, or text parts joined).
+/// The first choice's message content of a chat completion ([`openai::parse_completion`]).
 pub fn completion_content(body: &[u8]) -> Result<String, CloudError> {
-    let invalid = |what: String| CloudError::InvalidResponse(what);
-    let value: Value = serde_json::from_slice(body).map_err(|e| {
-        let snippet: String = String::from_utf8_lossy(body).chars().take(ERROR_BODY_CHARS).collect();
-        invalid(format!("not JSON ({e}): {snippet:?}"))
-    })?;
-    if let Some(error) = value.get("error").filter(|e| !e.is_null()) {
-        return Err(invalid(format!("the body is an error: {error}")));
-    }
-    let message = value
-        .get("choices")
-        .and_then(Value::as_array)
-        .and_then(|choices| choices.first())
-        .and_then(|choice| choice.get("message"))
-        .ok_or_else(|| invalid("no choices[0].message".into()))?;
-    match message.get("content") {
-        Some(Value::String(text)) => Ok(text.clone()),
-        Some(Value::Array(parts)) => {
-            let texts: Vec<&str> = parts
-                .iter()
-                .filter(|part| part.get("type").and_then(Value::as_str).is_none_or(|t| t == "text"))
-                .filter_map(|part| part.get("text").and_then(Value::as_str))
-                .collect();
-            if texts.is_empty() {
-                return Err(invalid("the message content has no text part".into()));
-            }
-            Ok(texts.concat())
-        }
-        _ => Err(invalid("the first choice's message has no text content".into())),
-    }
+    openai::parse_completion(body)
+        .map(|completion| completion.content)
+        .map_err(|invalid| CloudError::InvalidResponse(invalid.0))
 }
 
 fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
