@@ -21,6 +21,8 @@ pub const SLOTS_DIR: &str = "slots";
 pub const STATE_FILE: &str = "state.json";
 /// The lock file inside [`SLOTS_DIR`]: one process at a time owns the store.
 pub const LOCK_FILE: &str = "lock";
+/// How long [`Slots::open`] waits for a lock held by someone else before reporting it busy.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Errors of the slot store.
 #[derive(Debug, thiserror::Error)]
@@ -182,11 +184,19 @@ impl Slots {
             .write(true)
             .open(&lock_path)
             .map_err(io_error("open", &lock_path))?;
-        match lock.try_lock() {
-            Ok(()) => {}
-            Err(fs::TryLockError::WouldBlock) => return Err(SlotsError::Busy { path: lock_path }),
-            Err(fs::TryLockError::Error(cause)) => {
-                return Err(SlotsError::Io { action: "lock", path: lock_path, cause });
+        // A lock held only for a moment is waited for: a child this process forks holds a copy of
+        // the descriptor (and so the lock) until it execs, even after the store is dropped here.
+        let deadline = std::time::Instant::now() + LOCK_WAIT;
+        loop {
+            match lock.try_lock() {
+                Ok(()) => break,
+                Err(fs::TryLockError::WouldBlock) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(fs::TryLockError::WouldBlock) => return Err(SlotsError::Busy { path: lock_path }),
+                Err(fs::TryLockError::Error(cause)) => {
+                    return Err(SlotsError::Io { action: "lock", path: lock_path, cause });
+                }
             }
         }
         let state_path = dir.join(STATE_FILE);
