@@ -140,45 +140,17 @@ pub fn check_before_loading(
 #[cfg(test)]
 mod tests {
     use tandem_core::bundle::signature::{SignatureError, SigningKey, public_key_file, sign_manifest};
-    use tandem_core::bundle::{
-        BUNDLE_FORMAT_VERSION, DecoderIo, FileDigest, MODEL_FILE, ModelArchitecture, Provenance,
-        TOKENIZER_FILE,
-    };
+    use tandem_core::bundle::{MODEL_FILE, TOKENIZER_FILE};
 
     use super::*;
+    use crate::test_support::tiny_manifest;
 
     /// A bundle directory with a small fake graph and tokenizer, signed by `key` when given.
     fn bundle(dir: &Path, key: Option<&SigningKey>) {
         fs::write(dir.join(MODEL_FILE), b"graph").unwrap();
         fs::write(dir.join(TOKENIZER_FILE), b"{}").unwrap();
-        let mut manifest = BundleManifest {
-            format: BUNDLE_FORMAT_VERSION,
-            name: "tiny".into(),
-            version: "2".into(),
-            architecture: ModelArchitecture {
-                model_type: "qwen2".into(),
-                vocab_size: 512,
-                hidden_size: 64,
-                intermediate_size: 128,
-                num_hidden_layers: 2,
-                num_attention_heads: 4,
-                num_key_value_heads: 2,
-                head_dim: 16,
-                context_length: 256,
-                tie_word_embeddings: true,
-            },
-            chat_template: None,
-            help_marker: tandem_core::help_marker::HELP_MARKER.into(),
-            eos_token_ids: vec![2],
-            io: DecoderIo { position_ids: true, kv_dtype: "float32".into(), opset: 17 },
-            files: [(MODEL_FILE, &b"graph"[..]), (TOKENIZER_FILE, &b"{}"[..])]
-                .into_iter()
-                .map(|(name, bytes)| (name.to_string(), FileDigest::of_bytes(bytes)))
-                .collect(),
-            provenance: Provenance::default(),
-            evaluation: Default::default(),
-            signature: None,
-        };
+        let mut manifest =
+            tiny_manifest("tiny", "2", &[(MODEL_FILE, &b"graph"[..]), (TOKENIZER_FILE, &b"{}"[..])]);
         if let Some(key) = key {
             sign_manifest(&mut manifest, key);
         }

@@ -12,4 +12,6 @@ pub mod ops;
 mod record_frame;
 pub mod router;
 pub mod telemetry;
+#[cfg(test)]
+mod test_support;
 pub mod updater;

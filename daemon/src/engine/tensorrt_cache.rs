@@ -360,10 +360,6 @@ impl PreparedCache {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
-
-    use tandem_core::bundle::{BundleManifest, DecoderIo, ModelArchitecture, Provenance};
-
     use super::*;
     use crate::engine::model_dir::ModelFormat;
 
@@ -492,35 +488,11 @@ mod tests {
         let mut model = plain_model(dir.path(), &[("model.onnx", b"graph"), ("model.onnx.data", b"weights")]);
         let from_files = model_sha256(&model).unwrap();
         model.format = ModelFormat::Bundle;
-        model.manifest = Some(BundleManifest {
-            format: tandem_core::bundle::BUNDLE_FORMAT_VERSION,
-            name: "tiny".into(),
-            version: "1".into(),
-            architecture: ModelArchitecture {
-                model_type: "qwen2".into(),
-                vocab_size: 512,
-                hidden_size: 64,
-                intermediate_size: 128,
-                num_hidden_layers: 2,
-                num_attention_heads: 4,
-                num_key_value_heads: 2,
-                head_dim: 16,
-                context_length: 256,
-                tie_word_embeddings: true,
-            },
-            chat_template: None,
-            help_marker: tandem_core::help_marker::HELP_MARKER.into(),
-            eos_token_ids: vec![2],
-            io: DecoderIo { position_ids: true, kv_dtype: "float32".into(), opset: 17 },
-            files: BTreeMap::from([
-                ("model.onnx".into(), FileDigest::of_bytes(b"graph")),
-                ("model.onnx.data".into(), FileDigest::of_bytes(b"weights")),
-                ("tokenizer.json".into(), FileDigest::of_bytes(b"{}")),
-            ]),
-            provenance: Provenance::default(),
-            evaluation: BTreeMap::new(),
-            signature: None,
-        });
+        model.manifest = Some(crate::test_support::tiny_manifest(
+            "tiny",
+            "1",
+            &[("model.onnx", b"graph"), ("model.onnx.data", b"weights"), ("tokenizer.json", b"{}")],
+        ));
         // The manifest is trusted (the updater verified it): the files are not read again.
         std::fs::remove_file(dir.path().join("model.onnx.data")).unwrap();
         assert_eq!(model_sha256(&model).unwrap(), from_files);

@@ -6,13 +6,11 @@ use std::fs;
 use std::path::Path;
 
 use tandem_core::bundle::signature::{SigningKey, sign_manifest};
-use tandem_core::bundle::{
-    BUNDLE_FORMAT_VERSION, BundleManifest, DecoderIo, FileDigest, MANIFEST_FILE, MODEL_FILE,
-    ModelArchitecture, Provenance, TOKENIZER_FILE,
-};
+use tandem_core::bundle::{FileDigest, MANIFEST_FILE, MODEL_FILE, TOKENIZER_FILE};
 
 use super::slots::{Slots, StagedBundle, StagingStart};
 use super::state::BundleId;
+use crate::test_support::tiny_manifest;
 
 /// Writes bundle `version` (its files differ per version) into `dir`; returns its id.
 pub(crate) fn write_bundle(dir: &Path, version: &str, key: Option<&SigningKey>) -> BundleId {
@@ -24,31 +22,8 @@ pub(crate) fn write_bundle(dir: &Path, version: &str, key: Option<&SigningKey>) 
     for (name, bytes) in &files {
         fs::write(dir.join(name), bytes).unwrap();
     }
-    let mut manifest = BundleManifest {
-        format: BUNDLE_FORMAT_VERSION,
-        name: "tiny".into(),
-        version: version.into(),
-        architecture: ModelArchitecture {
-            model_type: "qwen2".into(),
-            vocab_size: 512,
-            hidden_size: 64,
-            intermediate_size: 128,
-            num_hidden_layers: 2,
-            num_attention_heads: 4,
-            num_key_value_heads: 2,
-            head_dim: 16,
-            context_length: 256,
-            tie_word_embeddings: true,
-        },
-        chat_template: None,
-        help_marker: tandem_core::help_marker::HELP_MARKER.into(),
-        eos_token_ids: vec![2],
-        io: DecoderIo { position_ids: true, kv_dtype: "float32".into(), opset: 17 },
-        files: files.iter().map(|(name, bytes)| (name.to_string(), FileDigest::of_bytes(bytes))).collect(),
-        provenance: Provenance::default(),
-        evaluation: BTreeMap::new(),
-        signature: None,
-    };
+    let listed: Vec<(&str, &[u8])> = files.iter().map(|(name, bytes)| (*name, bytes.as_slice())).collect();
+    let mut manifest = tiny_manifest("tiny", version, &listed);
     if let Some(key) = key {
         sign_manifest(&mut manifest, key);
     }
