@@ -10,6 +10,7 @@ use std::io::{self, BufRead, Write};
 use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::tasks::countdown::CountdownProblem;
+use crate::tasks::templates::question_of_user_turn;
 
 /// The `meta.task` value of Countdown records.
 pub const COUNTDOWN_TASK: &str = "countdown";
@@ -65,6 +66,42 @@ impl TaskRecord {
             "target": problem.target,
         });
         Self { prompt: problem.question(), answer: problem.target.to_string(), id, meta: Some(meta) }
+    }
+
+    /// The record of a prompt a device was asked, as its telemetry recorded it (the template's user
+    /// turn), with the cloud's answer when the device asked for help. A Countdown question becomes
+    /// a Countdown record (the verifier grades it; the cloud's answer is kept in `meta`); anything
+    /// else keeps the cloud's answer as its reference (empty when the cloud was not asked).
+    /// `meta.source` is `source`, `meta.cloud_answer` says whether the cloud answered.
+    pub fn from_collected(user_turn: &str, cloud_answer: Option<&str>, id: String, source: &str) -> Self {
+        let question = question_of_user_turn(user_turn);
+        let mut record = match CountdownProblem::from_question(question) {
+            Some(problem) => {
+                let mut record = Self::from_countdown(&problem, Some(id));
+                if let Some(answer) = cloud_answer {
+                    record.meta_object().insert("cloud_reply".into(), answer.into());
+                }
+                record
+            }
+            None => Self {
+                prompt: question.to_string(),
+                answer: cloud_answer.unwrap_or_default().to_string(),
+                id: Some(id),
+                meta: None,
+            },
+        };
+        let meta = record.meta_object();
+        meta.insert("source".into(), source.into());
+        meta.insert("cloud_answer".into(), cloud_answer.is_some().into());
+        record
+    }
+
+    fn meta_object(&mut self) -> &mut serde_json::Map<String, serde_json::Value> {
+        let meta = self.meta.get_or_insert_with(|| serde_json::json!({}));
+        if !meta.is_object() {
+            *meta = serde_json::json!({ "value": meta.take() });
+        }
+        meta.as_object_mut().expect("made an object above")
     }
 
     /// The Countdown problem this record describes.
@@ -219,6 +256,35 @@ mod tests {
     fn invalid_utf8_is_a_read_error_on_its_line() {
         let bytes: &[u8] = b"{\"prompt\":\"a\",\"answer\":\"1\"}\n\xff\xfe\n";
         assert!(matches!(read_records(bytes), Err(DatasetError::Read { line: 2, .. })));
+    }
+
+    #[test]
+    fn a_collected_countdown_user_turn_becomes_a_verifiable_countdown_record() {
+        let problem = CountdownProblem { numbers: vec![12, 6], target: 2 };
+        let turn = crate::tasks::templates::PromptTemplate::COUNTDOWN.user_prompt(&problem.question());
+        let record = TaskRecord::from_collected(&turn, Some("12 / 6 = 2"), "e1".into(), "fleet");
+        assert_eq!(record.prompt, problem.question());
+        assert_eq!(record.to_countdown().unwrap(), problem);
+        let meta = record.meta.as_ref().unwrap();
+        assert_eq!((meta["source"].as_str(), meta["cloud_answer"].as_bool()), (Some("fleet"), Some(true)));
+        assert_eq!(meta["cloud_reply"], "12 / 6 = 2");
+        let unanswered = TaskRecord::from_collected(&turn, None, "e2".into(), "fleet");
+        assert_eq!(unanswered.meta.as_ref().unwrap()["cloud_answer"], false);
+        assert_eq!(unanswered.to_countdown().unwrap().target, 2);
+    }
+
+    #[test]
+    fn any_other_collected_prompt_keeps_the_clouds_answer_as_its_reference() {
+        let record = TaskRecord::from_collected(
+            "What is 1/2 + 1/4?\nWork through it step by step.",
+            Some("3/4"),
+            "e3".into(),
+            "fleet",
+        );
+        assert_eq!((record.prompt.as_str(), record.answer.as_str()), ("What is 1/2 + 1/4?", "3/4"));
+        assert!(record.to_countdown().is_err());
+        let line = to_jsonl(std::slice::from_ref(&record));
+        assert_eq!(parse_records(&line).unwrap(), vec![record]);
     }
 
     #[test]

@@ -29,6 +29,17 @@ pub const ANSWER_CLOSE: &str = "</answer>";
 /// Steps before Template II asks for help, as in the paper.
 pub const DEFAULT_MAX_STEPS: NonZeroU32 = NonZeroU32::new(6).unwrap();
 
+/// What every template's user turn adds after the question.
+const USER_TURN_SUFFIX: &str = "\nWork through it step by step.";
+
+/// The question inside a user turn made by [`PromptTemplate::user_prompt`] (devices record the user
+/// turn they were sent, so prompts collected from a fleet carry the template's words); any other
+/// text is returned as it is, trimmed.
+pub fn question_of_user_turn(user_turn: &str) -> &str {
+    let trimmed = user_turn.trim();
+    trimmed.strip_suffix(USER_TURN_SUFFIX.trim_start()).map_or(trimmed, str::trim_end)
+}
+
 /// A prompt template.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "template", rename_all = "snake_case", deny_unknown_fields)]
@@ -104,7 +115,7 @@ impl PromptTemplate {
 
     /// The user turn for `question`.
     pub fn user_prompt(&self, question: &str) -> String {
-        format!("{}\nWork through it step by step.", question.trim_end())
+        format!("{}{USER_TURN_SUFFIX}", question.trim_end())
     }
 
     /// The system and user messages for `question`.
@@ -128,6 +139,15 @@ mod tests {
     use crate::help_marker::{HELP_CLOSE_TAG, HELP_OPEN_TAG, HelpMarker};
 
     const ALL: [PromptTemplate; 2] = [PromptTemplate::COUNTDOWN, PromptTemplate::MATH];
+
+    #[test]
+    fn the_question_comes_back_out_of_every_templates_user_turn() {
+        let question = "Using the numbers [3, 5], write an expression whose value is 8.";
+        for template in ALL {
+            assert_eq!(question_of_user_turn(&template.user_prompt(question)), question);
+        }
+        assert_eq!(question_of_user_turn("  What is 2 + 2?\n"), "What is 2 + 2?");
+    }
 
     #[test]
     fn templates_with_help_contain_the_exact_marker() {

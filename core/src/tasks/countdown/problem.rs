@@ -24,6 +24,19 @@ impl CountdownProblem {
         )
     }
 
+    /// The problem a [`CountdownProblem::question`] text asks, or `None` when `text` is not exactly
+    /// such a question (so collected prompts become verifiable Countdown problems again).
+    pub fn from_question(text: &str) -> Option<Self> {
+        let rest = text.trim().strip_prefix("Using the numbers [")?;
+        let (numbers, rest) = rest.split_once(']')?;
+        let target = rest
+            .strip_prefix(", write an arithmetic expression whose value is ")?
+            .strip_suffix(". You may use +, -, * and /, and every number must be used exactly once.")?;
+        let numbers: Vec<u32> = numbers.split(", ").map(|n| n.parse().ok()).collect::<Option<_>>()?;
+        let problem = Self { numbers, target: target.parse().ok()? };
+        (problem.question() == text.trim()).then_some(problem)
+    }
+
     /// The numbers sorted, for comparing the multiset of numbers an expression uses.
     pub fn sorted_numbers(&self) -> Vec<u32> {
         let mut numbers = self.numbers.clone();
@@ -35,6 +48,24 @@ impl CountdownProblem {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_question_parses_back_into_its_problem_and_other_text_does_not() {
+        let problem = CountdownProblem { numbers: vec![9, 9, 6], target: -5 };
+        assert_eq!(CountdownProblem::from_question(&problem.question()), Some(problem.clone()));
+        let question = problem.question();
+        assert_eq!(CountdownProblem::from_question(&format!(" {question}\n")), Some(problem));
+        for other in [
+            "What is 2 + 2?",
+            "Using the numbers [], write an arithmetic expression whose value is 5. You may use +, -, * and /, \
+             and every number must be used exactly once.",
+            "Using the numbers [1,2], write an arithmetic expression whose value is 3. You may use +, -, * and /, \
+             and every number must be used exactly once.",
+            &question.replace("exactly once.", "at most once."),
+        ] {
+            assert_eq!(CountdownProblem::from_question(other), None, "{other}");
+        }
+    }
 
     #[test]
     fn the_question_names_every_number_and_the_target() {
