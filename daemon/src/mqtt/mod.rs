@@ -18,3 +18,5 @@ mod tls;
 pub use config::{MqttConfig, MqttProtocol};
 pub use error::{MqttLinkError, PublishFailure};
 pub use link::{InboundMessage, MqttLink, PublishOptions};
+/// The broker password, also sent to the fleet's HTTP API by the updater.
+pub(crate) use password::read_password;

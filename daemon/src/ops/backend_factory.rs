@@ -14,7 +14,6 @@ use crate::bundle_trust::{check_before_loading, load_trusted_keys};
 use crate::chat::ChatBackend;
 use crate::config::DaemonConfig;
 use crate::mqtt::MqttLink;
-use crate::offload::read_secret;
 use crate::offload::{CloudAnswer, CloudClient, HttpsOffload, MqttOffload, OffloadError, OffloadTransport};
 use crate::router::{BudgetStore, CloudOffload, EventSink, LiveModel, Router, RouterSettings, ServingModel};
 use crate::telemetry::{
@@ -185,13 +184,15 @@ fn start_updater(
             fleet_link::follow_mqtt(link.clone(), assignments.clone(), stop.clone());
         }
     }
+    // Polls and downloads carry the device's own credentials (its broker password) or the poll token.
+    let credentials =
+        fleet_link::fleet_credentials(&config.device_id, config.mqtt.as_ref(), updater.poll_token.as_ref())
+            .map_err(BuildBackendError::new)?;
     if let Some(url) = &updater.poll_url {
-        let token =
-            updater.poll_token.as_ref().map(read_secret).transpose().map_err(BuildBackendError::new)?;
         fleet_link::follow_polls(
             url,
             &config.device_id,
-            token,
+            credentials.clone(),
             Duration::from_secs(updater.poll_interval_secs),
             assignments,
             stop.clone(),
@@ -213,6 +214,7 @@ fn start_updater(
         slots,
         model,
         tracker: Arc::clone(&tracker),
+        credentials,
     }
     .spawn(received, stop);
     tracing::info!(mqtt = link.is_some() && updater.mqtt, poll_url = ?updater.poll_url, "following model assignments");

@@ -30,7 +30,10 @@ pub struct UpdaterConfig {
     /// Seconds between two polls of `poll_url`.
     #[serde(default = "default_poll_interval_secs")]
     pub poll_interval_secs: u64,
-    /// Bearer token sent with each poll, when the fleet's API requires one.
+    /// Bearer token sent with each poll and bundle download instead of the device's own
+    /// credentials, for a fleet without a devices file (its operator token). Unset: polls and
+    /// downloads carry HTTP Basic with the `[mqtt]` user name (or `device_id`) and `password_file`
+    /// password, which a fleet with a devices file requires.
     #[serde(default)]
     pub poll_token: Option<SecretSource>,
     /// Largest download rate of bundle files, bytes per second; unset: unlimited.

@@ -15,6 +15,7 @@ use tandem_core::bundle::FileDigest;
 use tokio::io::AsyncWriteExt;
 
 use super::bandwidth::BandwidthLimit;
+use super::fleet_link::FleetCredentials;
 
 /// Suffix of a file being downloaded; a manifest may not list a name ending with it.
 pub const PART_SUFFIX: &str = ".part";
@@ -39,6 +40,8 @@ pub struct DownloadOptions {
     pub connect_timeout: Duration,
     /// Certificate authorities trusted on top of the system roots (a private registry's CA).
     pub extra_ca: Vec<reqwest::Certificate>,
+    /// Sent with every request: the fleet serves bundles only to its devices (and its operator).
+    pub credentials: Option<FleetCredentials>,
 }
 
 impl Default for DownloadOptions {
@@ -51,6 +54,7 @@ impl Default for DownloadOptions {
             stall_timeout: Duration::from_secs(60),
             connect_timeout: Duration::from_secs(10),
             extra_ca: Vec::new(),
+            credentials: None,
         }
     }
 }
@@ -64,7 +68,8 @@ pub enum DownloadError {
     /// The server refused the request in a way retrying will not fix.
     #[error(
         "{url} answered HTTP {status}; check that the assignment's URL points at a published bundle \
-         and that this device may read it"
+         and that this device may read it (401/403: the fleet refused its credentials, the [mqtt] \
+         password_file password, which must match the fleet's devices file, or updater.poll_token)"
     )]
     Status {
         /// The URL.
@@ -176,8 +181,7 @@ impl Downloader {
     }
 
     async fn fetch_small_once(&self, url: &Url) -> Result<Vec<u8>, Failure> {
-        let mut response =
-            self.client.get(url.clone()).send().await.map_err(|e| Failure::Retry(error_chain(&e)))?;
+        let mut response = self.request(url).send().await.map_err(|e| Failure::Retry(error_chain(&e)))?;
         check_status(url, response.status())?;
         let mut bytes = Vec::new();
         while let Some(chunk) = self.next_chunk(&mut response).await? {
@@ -276,7 +280,7 @@ impl Downloader {
         let mut hasher =
             if offset > 0 { hash_prefix(part).await.map_err(io("read"))? } else { Sha256::new() };
         if offset < expected.size {
-            let mut request = self.client.get(url.clone());
+            let mut request = self.request(url);
             if offset > 0 {
                 request = request.header(RANGE, format!("bytes={offset}-"));
             }
@@ -341,6 +345,15 @@ impl Downloader {
         }
         let found = hex::encode(hasher.finalize());
         if found.eq_ignore_ascii_case(&expected.sha256) { Ok(()) } else { Err(Failure::Digest(found)) }
+    }
+
+    /// A GET of `url` with the credentials.
+    fn request(&self, url: &Url) -> reqwest::RequestBuilder {
+        let request = self.client.get(url.clone());
+        match &self.options.credentials {
+            Some(credentials) => credentials.apply(request),
+            None => request,
+        }
     }
 
     async fn next_chunk(&self, response: &mut reqwest::Response) -> Result<Option<bytes::Bytes>, Failure> {

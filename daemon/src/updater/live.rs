@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::config::UpdaterConfig;
 use super::download::{DownloadError, DownloadOptions};
+use super::fleet_link::FleetCredentials;
 use super::report::{UpdateOutcome, UpdateTracker};
 use super::slots::{ProbationOutcome, SlotView, Slots, SlotsError};
 use super::stage::{Assignment, StageError, StageEvent, Staged, Updater};
@@ -46,6 +47,8 @@ pub struct LiveUpdater {
     pub model: Arc<LiveModel>,
     /// Where progress and outcomes are reported.
     pub tracker: Arc<UpdateTracker>,
+    /// Sent with bundle downloads (the fleet serves bundles only to its devices).
+    pub credentials: Option<FleetCredentials>,
 }
 
 /// Why an assignment did not end with the new model serving.
@@ -128,6 +131,7 @@ impl Task {
     fn new_updater(&self, slots: Slots) -> Option<Updater> {
         let options = DownloadOptions {
             bandwidth_limit: self.parts.config.bandwidth_limit,
+            credentials: self.parts.credentials.clone(),
             ..DownloadOptions::default()
         };
         match Updater::new(slots, options) {

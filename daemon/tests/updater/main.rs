@@ -149,6 +149,8 @@ struct Served {
     bytes: AtomicU64,
     /// (path, first byte asked for) of every request.
     requests: Mutex<Vec<(String, u64)>>,
+    /// The `Authorization` header of every request.
+    authorizations: Mutex<Vec<Option<String>>>,
 }
 
 #[derive(Clone)]
@@ -199,6 +201,11 @@ impl FileServer {
     fn requests(&self) -> Vec<(String, u64)> {
         self.served.requests.lock().unwrap().clone()
     }
+
+    /// The `Authorization` header of every request so far.
+    fn authorizations(&self) -> Vec<Option<String>> {
+        self.served.authorizations.lock().unwrap().clone()
+    }
 }
 
 impl Drop for FileServer {
@@ -220,6 +227,8 @@ async fn serve_file(
         .and_then(|v| v.strip_suffix('-'))
         .and_then(|v| v.parse::<u64>().ok());
     state.served.requests.lock().unwrap().push((path.clone(), asked.unwrap_or(0)));
+    let authorization = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).map(str::to_string);
+    state.served.authorizations.lock().unwrap().push(authorization);
     let Ok(bytes) = tokio::fs::read(state.root.join(&path)).await else {
         return StatusCode::NOT_FOUND.into_response();
     };

@@ -37,7 +37,14 @@ fn assignment(files: &FileServer, dir: &str, version: &str) -> ModelAssignment {
 // ---------------------------------------------------------------------------------------------
 // A loopback fleet answering `GET /v1/devices/{id}/assignment`
 
-type Assigned = Arc<Mutex<Option<ModelAssignment>>>;
+/// The assignment, and the `Authorization` header the endpoint requires (401 otherwise) when set.
+#[derive(Default)]
+struct FleetState {
+    assignment: Option<ModelAssignment>,
+    required: Option<String>,
+}
+
+type Assigned = Arc<Mutex<FleetState>>;
 
 struct FleetEndpoint {
     addr: SocketAddr,
@@ -75,7 +82,12 @@ impl FleetEndpoint {
     }
 
     fn assign(&self, assignment: ModelAssignment) {
-        *self.assigned.lock().unwrap() = Some(assignment);
+        self.assigned.lock().unwrap().assignment = Some(assignment);
+    }
+
+    /// Answers only requests with `Authorization: {authorization}` from now on.
+    fn require(&self, authorization: &str) {
+        self.assigned.lock().unwrap().required = Some(authorization.to_string());
     }
 }
 
@@ -86,8 +98,17 @@ impl Drop for FleetEndpoint {
     }
 }
 
-async fn assignment_of(State(assigned): State<Assigned>, UrlPath(id): UrlPath<String>) -> Response {
-    match assigned.lock().unwrap().clone() {
+async fn assignment_of(
+    State(assigned): State<Assigned>,
+    UrlPath(id): UrlPath<String>,
+    headers: HeaderMap,
+) -> Response {
+    let state = assigned.lock().unwrap();
+    let presented = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+    if state.required.as_deref().is_some_and(|required| presented != Some(required)) {
+        return StatusCode::UNAUTHORIZED.into_response();
+    }
+    match state.assignment.clone() {
         Some(assignment) if id == DEVICE => axum::Json(assignment).into_response(),
         _ => StatusCode::NOT_FOUND.into_response(),
     }
@@ -498,6 +519,41 @@ fn a_daemon_killed_right_after_the_swap_restarts_on_the_new_verified_slot_on_pro
     assert_eq!(probation.unhealthy_starts, 0, "both starts became healthy: {probation:?}");
     drop(slots);
     assert_eq!(store_versions(&dir.path().join("state")).0.as_deref(), Some("1"), "a verified slot");
+}
+
+#[test]
+fn polls_and_downloads_carry_the_devices_broker_password() {
+    let files = FileServer::start(Faults::None);
+    let fleet = FleetEndpoint::start();
+    let dir = tempfile::tempdir().unwrap();
+    let password = dir.path().join("mqtt-password");
+    std::fs::write(&password, "edge-one-password-0123\n").unwrap();
+    // The broker is not there: the credentials still come from its section, and polling works alone.
+    let mqtt =
+        format!("[mqtt]\nurl = \"mqtt://127.0.0.1:{}\"\npassword_file = {:?}\n", free_port(), arg(&password));
+    let config = config(dir.path(), &mqtt);
+    std::fs::write(
+        &config,
+        std::fs::read_to_string(&config).unwrap()
+            + &format!("poll_url = {:?}\npoll_interval_secs = 1\n", fleet.url()),
+    )
+    .unwrap();
+    // base64("edge-1:edge-one-password-0123")
+    let basic = "Basic ZWRnZS0xOmVkZ2Utb25lLXBhc3N3b3JkLTAxMjM=";
+    fleet.require(basic);
+    fleet.assign(assignment(&files, "v1", "1"));
+
+    multi_thread_runtime().block_on(async {
+        let mut daemon = Daemon::start(&config, free_port()).await;
+        daemon.wait_for("the swap to v1", Duration::from_secs(120), |s| version(s) == "1").await;
+        daemon.kill9();
+    });
+    let authorizations = files.authorizations();
+    assert!(!authorizations.is_empty());
+    assert!(
+        authorizations.iter().all(|a| a.as_deref() == Some(basic)),
+        "every download carried the device's credentials: {authorizations:?}"
+    );
 }
 
 fn free_port() -> u16 {
