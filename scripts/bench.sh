@@ -4,8 +4,10 @@
 #      our exporter (the 2 GB model is made once and reused);
 #   2. tandemd's offload overhead and API throughput (scripts/bench-daemon.sh);
 #   3. tandem-fleet ingest through Mosquitto against the broker's own ceiling (bench/fleet_bench.sh);
-#   4. a GAPG training step against TRL's GRPOTrainer (bench/train_bench.sh).
-# Everything lands in .bench/. BENCH_ONLY=engine,daemon,fleet,train runs a subset.
+#   4. a GAPG training step against TRL's GRPOTrainer (bench/train_bench.sh);
+#   5. a staged rollout of a new model version through 1,000 simulated devices that download and
+#      verify it, with the fleet's CPU and memory meanwhile (bench/rollout_bench.sh).
+# Everything lands in .bench/. BENCH_ONLY=engine,daemon,fleet,train,rollout runs a subset.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 : "${ORT_DYLIB_PATH:?run through make bench}"
@@ -40,3 +42,4 @@ fi
 if wants daemon; then BENCH_BUILT=1 scripts/bench-daemon.sh; fi
 if wants fleet; then BENCH_BUILT=1 bench/fleet_bench.sh; fi
 if wants train; then BENCH_BUILT=1 bench/train_bench.sh; fi
+if wants rollout; then BENCH_BUILT=1 bench/rollout_bench.sh; fi

@@ -11,7 +11,7 @@ use clap::{Parser, Subcommand};
 use tandem_fleet::broker::acl::mosquitto_acl;
 use tandem_fleet::config::{FleetConfig, load_config};
 use tandem_fleet::devices_file::{MIN_PASSWORD_CHARS, hash_password};
-use tandem_fleet::loadgen::{LoadOptions, SinkOptions, run_load, run_sink};
+use tandem_fleet::loadgen::{FollowOptions, LoadOptions, SinkOptions, run_load_until, run_sink};
 use tracing_subscriber::EnvFilter;
 
 /// The Tandem fleet service.
@@ -134,6 +134,20 @@ struct LoadArgs {
     /// Append the id of every acknowledged event to this file.
     #[arg(long)]
     acked_ids: Option<PathBuf>,
+    /// Act on model assignments like tandemd's updater: download and verify the bundle, report
+    /// downloading → verifying → active, then send telemetry from the new version.
+    #[arg(long)]
+    follow_assignments: bool,
+    /// With --follow-assignments: report the states without downloading anything.
+    #[arg(long, requires = "follow_assignments")]
+    skip_download: bool,
+    /// With --follow-assignments: bundle downloads in progress at once over all devices.
+    #[arg(long, default_value_t = 32)]
+    download_concurrency: usize,
+    /// With --follow-assignments: a public key file (`NAME.pub`) the manifest's signature must
+    /// verify against (repeatable; none: the signature is not checked, the manifest's sha256 is).
+    #[arg(long = "trusted-key", value_name = "FILE")]
+    trusted_keys: Vec<PathBuf>,
 }
 
 #[derive(Debug, clap::Args)]
@@ -254,9 +268,45 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 max_in_flight: args.max_in_flight.max(1),
                 offload_rate: args.offload_rate,
                 model_version: args.model_version,
+                follow: if args.follow_assignments {
+                    let trusted_keys = args
+                        .trusted_keys
+                        .iter()
+                        .map(|path| {
+                            let text = std::fs::read_to_string(path)
+                                .with_context(|| format!("cannot read {}", path.display()))?;
+                            tandem_core::bundle::signature::parse_public_key(&text)
+                                .with_context(|| format!("{} is not a public key file", path.display()))
+                        })
+                        .collect::<anyhow::Result<_>>()?;
+                    Some(FollowOptions {
+                        download: !args.skip_download,
+                        download_concurrency: args.download_concurrency.max(1),
+                        trusted_keys,
+                    })
+                } else {
+                    None
+                },
                 acked_ids: args.acked_ids,
             };
-            let report = runtime()?.block_on(run_load(options))?;
+            // SIGINT or SIGTERM: stop publishing, drain, and still print the report.
+            let report = runtime()?.block_on(async move {
+                let stop = tokio_util::sync::CancellationToken::new();
+                let on_signal = stop.clone();
+                tokio::spawn(async move {
+                    let Ok(mut term) =
+                        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::signal::ctrl_c() => {}
+                        _ = term.recv() => {}
+                    }
+                    on_signal.cancel();
+                });
+                run_load_until(options, stop).await
+            })?;
             println!("{}", serde_json::to_string_pretty(&report)?);
         }
         Command::Sink(args) => {

@@ -1,8 +1,10 @@
 //! One simulated device: an MQTT 3.1.1 connection (rumqttc's packet codec over a plain TCP
 //! stream), QoS 1 telemetry with its own packet ids, and everything unacknowledged sent again
-//! after each reconnect.
+//! after each reconnect. When following assignments, it subscribes to its retained assignment
+//! topic, installs each new version (`super::update`), and reports where the install stands in its
+//! retained status, the way `tandemd` does.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -12,15 +14,18 @@ use rand::Rng;
 use rumqttc::mqttbytes::QoS;
 use rumqttc::mqttbytes::v4::{self, Packet};
 use tandem_core::protocol::{
-    ChatMessage, DeviceStatus, DeviceTopics, OffloadRequest, OffloadResponse, PROTOCOL_VERSION, Route,
-    TelemetryBatch, TelemetryBudget, TelemetryEvent, TokenCounts, TopicKind, Transport,
+    ChatMessage, DeviceStatus, DeviceTopics, ModelAssignment, OffloadRequest, OffloadResponse,
+    PROTOCOL_VERSION, Route, TelemetryBatch, TelemetryBudget, TelemetryEvent, TokenCounts, TopicKind,
+    Transport, UpdateReport, UpdateState, parse_device_topic,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio::time::MissedTickBehavior;
+use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use super::update::Installer;
 use super::{Counters, LoadOptions};
 use crate::store::now_ms;
 
@@ -40,6 +45,10 @@ pub(crate) struct SimulatedDevice {
     pub options: LoadOptions,
     pub counters: Arc<Counters>,
     pub acked: Option<mpsc::UnboundedSender<Vec<Uuid>>>,
+    /// Set when following assignments.
+    pub installer: Option<Arc<Installer>>,
+    /// Cancelled: stop publishing now (then drain as after `publish_until`).
+    pub stop: CancellationToken,
     pub start_delay: Duration,
     pub publish_until: Instant,
     pub give_up_at: Instant,
@@ -47,9 +56,23 @@ pub(crate) struct SimulatedDevice {
 
 struct State {
     unacked: BTreeMap<u16, Unacked>,
+    /// Status messages (QoS 1) not yet acknowledged; never sent again: the next connection
+    /// publishes the current status instead.
+    status_pkids: HashSet<u16>,
     next_pkid: u16,
     /// Offload requests waiting for their answer.
     asked: HashMap<Uuid, Instant>,
+    /// When this device saw `stop`.
+    stopped_at: Option<Instant>,
+    /// The model version it serves (in its status and its telemetry).
+    serving: String,
+    /// Its latest report on an assignment.
+    update: Option<UpdateReport>,
+    /// The install in progress: its version and task.
+    installing: Option<(String, tokio::task::JoinHandle<()>)>,
+    /// Install reports, from the install task to the connection.
+    reports: mpsc::UnboundedSender<UpdateReport>,
+    reports_rx: mpsc::UnboundedReceiver<UpdateReport>,
 }
 
 impl State {
@@ -57,7 +80,7 @@ impl State {
         loop {
             let pkid = self.next_pkid;
             self.next_pkid = if self.next_pkid == u16::MAX { 1 } else { self.next_pkid + 1 };
-            if !self.unacked.contains_key(&pkid) {
+            if !self.unacked.contains_key(&pkid) && !self.status_pkids.contains(&pkid) {
                 return pkid;
             }
         }
@@ -65,14 +88,27 @@ impl State {
 }
 
 impl SimulatedDevice {
-    pub async fn run(self) {
+    /// Runs the device to its end; returns the model version it serves then.
+    pub async fn run(self) -> String {
         tokio::time::sleep(self.start_delay).await;
-        let mut state = State { unacked: BTreeMap::new(), next_pkid: 1, asked: HashMap::new() };
+        let (reports, reports_rx) = mpsc::unbounded_channel();
+        let mut state = State {
+            unacked: BTreeMap::new(),
+            status_pkids: HashSet::new(),
+            next_pkid: 1,
+            asked: HashMap::new(),
+            stopped_at: None,
+            serving: self.options.model_version.clone(),
+            update: None,
+            installing: None,
+            reports,
+            reports_rx,
+        };
         let mut first = true;
         let mut backoff = Duration::from_millis(50);
         loop {
-            let publishing = Instant::now() < self.publish_until;
-            if !publishing && state.unacked.is_empty() || Instant::now() >= self.give_up_at {
+            let publishing = self.publishing(&mut state);
+            if !publishing && state.unacked.is_empty() || Instant::now() >= self.give_up_at(&state) {
                 break;
             }
             if !first {
@@ -87,6 +123,105 @@ impl SimulatedDevice {
             }
         }
         self.counters.messages_unacked.fetch_add(state.unacked.len() as u64, Ordering::Relaxed);
+        if let Some((_, task)) = state.installing.take() {
+            task.abort();
+        }
+        state.serving
+    }
+
+    /// Whether it still publishes telemetry; notes when it first saw `stop`.
+    fn publishing(&self, state: &mut State) -> bool {
+        if self.stop.is_cancelled() {
+            state.stopped_at.get_or_insert_with(Instant::now);
+            return false;
+        }
+        Instant::now() < self.publish_until
+    }
+
+    /// When it stops waiting for acknowledgements.
+    fn give_up_at(&self, state: &State) -> Instant {
+        match state.stopped_at {
+            Some(at) => self.give_up_at.min(at + self.options.drain),
+            None => self.give_up_at,
+        }
+    }
+
+    /// Its retained status: online or not, and when following assignments, the version it
+    /// serves and its latest update report.
+    fn status(&self, state: &State, online: bool) -> Vec<u8> {
+        let mut status = DeviceStatus::new(self.id.clone(), online);
+        if self.installer.is_some() {
+            status.model_version = Some(state.serving.clone());
+            status.update.clone_from(&state.update);
+        }
+        status.to_payload()
+    }
+
+    /// Publishes the current status, retained, QoS 1.
+    fn publish_status(
+        &self,
+        state: &mut State,
+        topics: &DeviceTopics,
+        out: &mut BytesMut,
+    ) -> std::io::Result<()> {
+        let pkid = state.pkid();
+        let mut publish =
+            v4::Publish::new(topics.topic(TopicKind::Status), QoS::AtLeastOnce, self.status(state, true));
+        publish.pkid = pkid;
+        publish.retain = true;
+        Packet::Publish(publish).write(out, MAX_PACKET).map_err(|e| std::io::Error::other(e.to_string()))?;
+        state.status_pkids.insert(pkid);
+        Ok(())
+    }
+
+    /// An assignment arrived (retained ones again after each reconnect).
+    fn assigned(&self, state: &mut State, assignment: ModelAssignment) {
+        let Some(installer) = &self.installer else { return };
+        let installing = state
+            .installing
+            .as_ref()
+            .is_some_and(|(v, task)| *v == assignment.version && !task.is_finished());
+        let settled = state.serving == assignment.version
+            && state.update.as_ref().is_none_or(|u| u.version == assignment.version);
+        if installing || settled {
+            return;
+        }
+        if let Some((_, task)) = state.installing.take() {
+            task.abort();
+        }
+        self.counters.assignments.fetch_add(1, Ordering::Relaxed);
+        let installer = installer.clone();
+        let reports = state.reports.clone();
+        let version = assignment.version.clone();
+        let task = tokio::spawn(async move { installer.install(assignment, reports).await });
+        state.installing = Some((version, task));
+    }
+
+    /// An install reached a new state: report it; once active, serve the version and send
+    /// telemetry from it at once (the rollout counts a device healthy on its first events).
+    fn install_report(
+        &self,
+        state: &mut State,
+        report: UpdateReport,
+        topics: &DeviceTopics,
+        out: &mut BytesMut,
+    ) -> std::io::Result<()> {
+        if state.installing.as_ref().is_none_or(|(v, _)| *v != report.version) {
+            return Ok(()); // from an install that a newer assignment replaced
+        }
+        let active = report.state == UpdateState::Active;
+        if active {
+            state.serving = report.version.clone();
+        }
+        if matches!(report.state, UpdateState::Active | UpdateState::Failed) {
+            state.installing = None;
+        }
+        state.update = Some(report);
+        self.publish_status(state, topics, out)?;
+        if active && self.publishing(state) {
+            self.publish_batch(state, topics, out)?;
+        }
+        Ok(())
     }
 
     /// One connection: returns `Ok` when the device is done, `Err` when the connection broke.
@@ -105,9 +240,9 @@ impl SimulatedDevice {
             connect.set_login(self.id.clone(), password.clone());
         }
         let topics = DeviceTopics::new(&self.id).ok_or_else(|| broken("invalid device id"))?;
-        let status = |online| DeviceStatus::new(self.id.clone(), online).to_payload();
+        let will = DeviceStatus::new(self.id.clone(), false).to_payload();
         connect.last_will =
-            Some(v4::LastWill::new(topics.topic(TopicKind::Status), status(false), QoS::AtLeastOnce, true));
+            Some(v4::LastWill::new(topics.topic(TopicKind::Status), will, QoS::AtLeastOnce, true));
         Packet::Connect(connect).write(&mut out, MAX_PACKET).map_err(|e| broken(&e.to_string()))?;
         stream.write_all(&out).await?;
         out.clear();
@@ -119,15 +254,28 @@ impl SimulatedDevice {
             Packet::ConnAck(ack) if ack.code == v4::ConnectReturnCode::Success => {}
             other => return Err(broken(&format!("refused: {other:?}"))),
         }
-        let online = v4::Publish::new(topics.topic(TopicKind::Status), QoS::AtMostOnce, status(true));
-        Packet::Publish(v4::Publish { retain: true, ..online })
-            .write(&mut out, MAX_PACKET)
-            .map_err(|e| broken(&e.to_string()))?;
-        if self.options.offload_rate > 0.0 {
-            let filter = topics.topic(TopicKind::OffloadResponse);
-            Packet::Subscribe(v4::Subscribe::new(filter, QoS::AtLeastOnce))
+        state.status_pkids.clear();
+        if self.installer.is_some() {
+            self.publish_status(state, &topics, &mut out)?;
+        } else {
+            let online =
+                v4::Publish::new(topics.topic(TopicKind::Status), QoS::AtMostOnce, self.status(state, true));
+            Packet::Publish(v4::Publish { retain: true, ..online })
                 .write(&mut out, MAX_PACKET)
                 .map_err(|e| broken(&e.to_string()))?;
+        }
+        let mut filters = Vec::new();
+        if self.options.offload_rate > 0.0 {
+            filters.push(topics.topic(TopicKind::OffloadResponse));
+        }
+        if self.installer.is_some() {
+            filters.push(topics.topic(TopicKind::Assignment));
+        }
+        for filter in filters {
+            let mut subscribe = v4::Subscribe::new(filter, QoS::AtLeastOnce);
+            subscribe.pkid = state.pkid();
+            state.status_pkids.insert(subscribe.pkid);
+            Packet::Subscribe(subscribe).write(&mut out, MAX_PACKET).map_err(|e| broken(&e.to_string()))?;
         }
         // Everything unacknowledged goes again, oldest first, with its packet id.
         for (pkid, message) in &state.unacked {
@@ -160,16 +308,20 @@ impl SimulatedDevice {
         pings.reset();
         let (mut reader, mut writer) = stream.into_split();
         loop {
-            let publishing = Instant::now() < self.publish_until;
+            let publishing = self.publishing(state);
             if !publishing && state.unacked.is_empty() {
-                let offline =
-                    v4::Publish::new(topics.topic(TopicKind::Status), QoS::AtMostOnce, status(false));
+                let offline = v4::Publish::new(
+                    topics.topic(TopicKind::Status),
+                    QoS::AtMostOnce,
+                    DeviceStatus::new(self.id.clone(), false).to_payload(),
+                );
                 let _ = Packet::Publish(v4::Publish { retain: true, ..offline }).write(&mut out, MAX_PACKET);
                 let _ = Packet::Disconnect.write(&mut out, MAX_PACKET);
                 let _ = writer.write_all(&out).await;
                 return Ok(());
             }
-            if Instant::now() >= self.give_up_at {
+            let give_up_at = self.give_up_at(state);
+            if Instant::now() >= give_up_at {
                 return Ok(());
             }
             let room = state.unacked.len() < self.options.max_in_flight;
@@ -195,7 +347,13 @@ impl SimulatedDevice {
                         }
                     }
                 }
-                () = tokio::time::sleep_until(self.give_up_at.into()) => return Ok(()),
+                report = state.reports_rx.recv() => {
+                    if let Some(report) = report {
+                        self.install_report(state, report, &topics, &mut out)?;
+                    }
+                }
+                () = self.stop.cancelled(), if publishing => {}
+                () = tokio::time::sleep_until(give_up_at.into()) => return Ok(()),
             }
             if !out.is_empty() {
                 writer.write_all(&out).await?;
@@ -210,7 +368,8 @@ impl SimulatedDevice {
         topics: &DeviceTopics,
         out: &mut BytesMut,
     ) -> std::io::Result<()> {
-        let events: Vec<TelemetryEvent> = (0..self.options.batch).map(|_| self.event()).collect();
+        let events: Vec<TelemetryEvent> =
+            (0..self.options.batch).map(|_| self.event(&state.serving)).collect();
         let ids = events.iter().map(|e| e.id).collect();
         let batch = TelemetryBatch { v: PROTOCOL_VERSION, device_id: self.id.clone(), events };
         let payload = Bytes::from(serde_json::to_vec(&batch).expect("batches serialise"));
@@ -234,7 +393,7 @@ impl SimulatedDevice {
             v: PROTOCOL_VERSION,
             request_id: Uuid::now_v7(),
             device_id: self.id.clone(),
-            model_version: self.options.model_version.clone(),
+            model_version: state.serving.clone(),
             messages: vec![ChatMessage { role: "user".into(), content: "What is 6 * 7?".into() }],
             max_tokens: 16,
             temperature: None,
@@ -253,6 +412,9 @@ impl SimulatedDevice {
     fn received(&self, state: &mut State, packet: Packet, out: &mut BytesMut) -> std::io::Result<()> {
         match packet {
             Packet::PubAck(ack) => {
+                if state.status_pkids.remove(&ack.pkid) {
+                    return Ok(());
+                }
                 if let Some(message) = state.unacked.remove(&ack.pkid) {
                     Counters::observe(&self.counters.ack_latency, message.sent.elapsed());
                     self.counters.messages_acked.fetch_add(1, Ordering::Relaxed);
@@ -268,12 +430,21 @@ impl SimulatedDevice {
                         .write(out, MAX_PACKET)
                         .map_err(|e| std::io::Error::other(e.to_string()))?;
                 }
-                if let Ok(response) = serde_json::from_slice::<OffloadResponse>(&publish.payload)
+                if self.installer.is_some()
+                    && parse_device_topic(&publish.topic)
+                        .is_some_and(|(_, kind)| kind == TopicKind::Assignment)
+                    && let Ok(assignment) = serde_json::from_slice::<ModelAssignment>(&publish.payload)
+                {
+                    self.assigned(state, assignment);
+                } else if let Ok(response) = serde_json::from_slice::<OffloadResponse>(&publish.payload)
                     && let Some(asked) = state.asked.remove(&response.request_id)
                 {
                     Counters::observe(&self.counters.offload_latency, asked.elapsed());
                     self.counters.offload_answered.fetch_add(1, Ordering::Relaxed);
                 }
+            }
+            Packet::SubAck(ack) => {
+                state.status_pkids.remove(&ack.pkid);
             }
             _ => {}
         }
@@ -281,7 +452,7 @@ impl SimulatedDevice {
     }
 
     /// A plausible event: mostly local answers, some cloud answers and fallbacks.
-    fn event(&self) -> TelemetryEvent {
+    fn event(&self, model_version: &str) -> TelemetryEvent {
         let mut rng = rand::rng();
         let roll: f64 = rng.random();
         let route = if roll < 0.72 {
@@ -295,7 +466,7 @@ impl SimulatedDevice {
         TelemetryEvent {
             id: Uuid::now_v7(),
             device_id: self.id.clone(),
-            model_version: self.options.model_version.clone(),
+            model_version: model_version.to_string(),
             at_ms: u64::try_from(now_ms()).unwrap_or(0),
             route,
             help_requested: route != Route::Local,
