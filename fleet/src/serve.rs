@@ -204,13 +204,12 @@ pub async fn start(config: FleetConfig) -> Result<RunningFleet, ServeError> {
                 format!("http://{api_address}")
             }
         };
-        let rollouts = Arc::new(Rollouts::new(store.clone(), link, &public_url));
-        if config.mqtt.mode == MqttMode::Embedded {
-            // The embedded broker forgot its retained messages when it stopped; an external one
-            // kept them.
-            let count = rollouts.republish().await?;
-            tracing::info!(assignments = count, "device assignments published again");
-        }
+        let rollouts = Arc::new(Rollouts::new(store.clone(), link, &public_url, metrics.clone()));
+        // The embedded broker forgot its retained messages when it stopped, and an external one
+        // may have too (without persistence); publishing the same retained message again is
+        // harmless, as devices ignore an assignment they already run.
+        let count = rollouts.republish().await?;
+        tracing::info!(assignments = count, "device assignments published again");
         let interval = Duration::from_millis(config.rollouts.evaluate_interval_ms);
         tasks.push(tokio::spawn(rollouts.clone().run(interval, shutdown.clone())));
         scheduler_parts.1 = Some(rollouts.clone());

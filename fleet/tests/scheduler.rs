@@ -44,6 +44,7 @@ fn template(name: &str, dir: &Path, commands: &[&str]) -> JobTemplate {
         name: name.into(),
         run_config: dir.join("train.toml"),
         task_data: Vec::new(),
+        held_out: Vec::new(),
         overrides: [("run.steps".to_string(), toml::Value::Integer(1))].into_iter().collect(),
         commands: commands.iter().map(|c| c.to_string()).collect(),
         bundle: "{work_dir}/bundle".into(),
@@ -346,6 +347,42 @@ async fn the_dataset_holds_task_data_and_opted_in_prompts_once_with_cloud_answer
     assert!(job["reason"].as_str().unwrap().contains("cannot register"), "{job}");
     let copied = std::fs::read_to_string(fleet.dir.path().join("jobs/dataset-copy.jsonl")).unwrap();
     assert_eq!(copied, text);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn collected_countdown_prompts_lose_the_templates_words_and_the_held_out_set_stays_out() {
+    use tandem_core::tasks::countdown::CountdownProblem;
+    use tandem_core::tasks::dataset::{TaskRecord, to_jsonl};
+    use tandem_core::tasks::templates::PromptTemplate;
+    let evaluation = CountdownProblem { numbers: vec![4, 2], target: 8 };
+    let field = CountdownProblem { numbers: vec![9, 3], target: 3 };
+    let fleet = fleet_with(|dir| {
+        let held_out = dir.join("test.jsonl");
+        std::fs::write(&held_out, to_jsonl(&[TaskRecord::from_countdown(&evaluation, None)])).unwrap();
+        let commands = ["cp {dataset} {work_dir}/../dataset-copy.jsonl"];
+        vec![JobTemplate { held_out: vec![held_out], ..template("held", dir, &commands) }]
+    })
+    .await;
+    let turn = |p: &CountdownProblem| PromptTemplate::COUNTDOWN.user_prompt(&p.question());
+    let events = vec![
+        prompted("robot-1", &turn(&evaluation), Some("4 * 2")),
+        prompted("robot-1", &turn(&field), None),
+    ];
+    publish(&fleet, "robot-1", &events).await;
+
+    let id = submit(&fleet, "held").await["id"].as_str().unwrap().to_string();
+    let job = wait_for(&fleet, &id, finished).await;
+    let log = job["log_tail"].as_str().unwrap();
+    assert!(
+        log.contains("3 records (2 task records, 1 prompts collected from devices; left out: 1 held out"),
+        "{log}"
+    );
+    let copied = std::fs::read_to_string(fleet.dir.path().join("jobs/dataset-copy.jsonl")).unwrap();
+    let records = tandem_core::tasks::dataset::parse_records(&copied).unwrap();
+    assert_eq!(records.len(), 3);
+    assert_eq!(records[2].prompt, field.question(), "the bare question, without the template's words");
+    assert_eq!(records[2].to_countdown().unwrap(), field, "verifiable again");
+    assert!(records.iter().all(|r| r.prompt != evaluation.question()));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

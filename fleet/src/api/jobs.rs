@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 
 use super::ApiState;
 use super::error::ApiError;
-use crate::scheduler::dataset::{Deduplicate, PAGE, collected_record, jsonl_line};
+use crate::scheduler::dataset::{DatasetBuilder, DatasetExportError, PAGE, read_all_task_data};
 use crate::scheduler::rules::Trigger;
 use crate::scheduler::{Scheduler, runner};
 use crate::store::Store;
@@ -90,34 +90,36 @@ pub struct ExportParams {
 
 /// `GET /v1/datasets/export`: the trainer's JSONL, streamed page by page from the database:
 /// the template's task data when one is named, then every opted-in prompt since `since`, each
-/// prompt once.
+/// prompt once and none of the template's held-out data.
 pub async fn export(
     State(state): State<ApiState>,
     Query(params): Query<ExportParams>,
 ) -> Result<Response, ApiError> {
-    let mut dedup = Deduplicate::default();
-    let mut head = String::new();
-    if let Some(name) = &params.template {
-        let template = scheduler(&state)?
-            .template(name)
-            .ok_or_else(|| ApiError::BadRequest(format!("no job template `{name}` in [scheduler]")))?;
-        let paths = crate::scheduler::task_data(template).map_err(|e| ApiError::BadRequest(e.to_string()))?;
-        for path in &paths {
-            let text = tokio::fs::read_to_string(path)
-                .await
-                .map_err(|e| ApiError::Internal(format!("task data {}: {e}", path.display())))?;
-            let records = tandem_core::tasks::dataset::parse_records(&text)
-                .map_err(|e| ApiError::Internal(format!("task data {}: {e}", path.display())))?;
-            for record in records.iter().filter(|r| dedup.first(&r.prompt)) {
-                head.push_str(&jsonl_line(record));
-            }
+    let (builder, head) = match &params.template {
+        None => (DatasetBuilder::default(), String::new()),
+        Some(name) => {
+            let template = scheduler(&state)?
+                .template(name)
+                .ok_or_else(|| ApiError::BadRequest(format!("no job template `{name}` in [scheduler]")))?;
+            let paths =
+                crate::scheduler::task_data(template).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+            let held_out = template.held_out.clone();
+            let read = tokio::task::spawn_blocking(move || {
+                Ok::<_, DatasetExportError>((read_all_task_data(&held_out)?, read_all_task_data(&paths)?))
+            })
+            .await
+            .map_err(|e| ApiError::Internal(format!("reading the task data: {e}")))?;
+            let (held_out, records) = read.map_err(|e| ApiError::Internal(e.to_string()))?;
+            let mut builder = DatasetBuilder::new(&held_out);
+            let head = builder.task_records(&records);
+            (builder, head)
         }
-    }
+    };
     struct Cursor {
         store: Store,
         since: i64,
         after: Option<String>,
-        dedup: Deduplicate,
+        builder: DatasetBuilder,
         head: Option<String>,
         done: bool,
     }
@@ -125,7 +127,7 @@ pub async fn export(
         store: state.store.clone(),
         since: params.since,
         after: None,
-        dedup,
+        builder,
         head: Some(head),
         done: false,
     };
@@ -143,10 +145,7 @@ pub async fn export(
                 return Some((Err(std::io::Error::other(error.to_string())), cursor));
             }
         };
-        let mut chunk = String::new();
-        for collected in page.iter().filter(|c| cursor.dedup.first(&c.prompt)) {
-            chunk.push_str(&jsonl_line(&collected_record(collected)));
-        }
+        let chunk = cursor.builder.collected(&page);
         match page.last() {
             Some(last) if page.len() == PAGE as usize => cursor.after = Some(last.id.clone()),
             _ => cursor.done = true,

@@ -66,6 +66,10 @@ pub struct JobTemplate {
     /// configuration's `task.train`.
     #[serde(default)]
     pub task_data: Vec<PathBuf>,
+    /// JSONL task data never to train on, e.g. the evaluation set: prompts collected from devices
+    /// that are in it are left out of the job's dataset (and counted in its log).
+    #[serde(default)]
+    pub held_out: Vec<PathBuf>,
     /// Dotted keys of the run configuration to set (e.g. `"run.steps" = 200`).
     #[serde(default)]
     pub overrides: BTreeMap<String, toml::Value>,

@@ -227,11 +227,18 @@ impl Scheduler {
         } else {
             now_ms() - i64::from(template.collected_days) * 86_400_000
         };
-        let rows = dataset::export_to_file(&self.store, &prepared.task_data, since, &prepared.dataset_path)
-            .await
-            .map_err(|e| JobFailure::Failed(format!("cannot export the dataset: {e}")))?;
-        runner::append(&prepared.log_path, &format!("# dataset: {rows} records\n"));
-        let started = self.store.start_job(id, now_ms(), i64::try_from(rows).unwrap_or(i64::MAX)).await;
+        let counts = dataset::export_to_file(
+            &self.store,
+            &prepared.task_data,
+            &template.held_out,
+            since,
+            &prepared.dataset_path,
+        )
+        .await
+        .map_err(|e| JobFailure::Failed(format!("cannot export the dataset: {e}")))?;
+        runner::append(&prepared.log_path, &format!("# dataset: {counts}\n"));
+        let rows = i64::try_from(counts.lines()).unwrap_or(i64::MAX);
+        let started = self.store.start_job(id, now_ms(), rows).await;
         match started {
             Ok(true) => {}
             Ok(false) => return Err(JobFailure::Stopped),

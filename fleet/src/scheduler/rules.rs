@@ -102,6 +102,7 @@ mod tests {
             name: "countdown".into(),
             run_config: "run.toml".into(),
             task_data: Vec::new(),
+            held_out: Vec::new(),
             overrides: Default::default(),
             commands: vec!["true".into()],
             bundle: "{work_dir}/bundle".into(),
