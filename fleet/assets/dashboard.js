@@ -190,16 +190,17 @@ function deviceTable(data) {
   const devices = [...data.devices].sort((a, b) => b.queries - a.queries || a.id.localeCompare(b.id));
   for (const d of devices.slice(0, 200)) {
     const row = document.createElement("tr");
-    const cells = [d.id, d.group || "–", d.model_version || "–", null, count(d.queries), null, ms(d.local_p50_ms), ago(d.last_seen_ms, data.now_ms)];
+    const cells = [d.id, d.group || "–", d.reported_version || d.model_version || "–", updateText(d.update), null, count(d.queries), null, ms(d.local_p50_ms), ago(d.last_seen_ms, data.now_ms)];
     cells.forEach((text, i) => {
       const cell = document.createElement("td");
-      if ([4, 5, 6].includes(i)) cell.className = "num";
-      if (i === 3) {
+      if ([5, 6, 7].includes(i)) cell.className = "num";
+      if (i === 3 && d.update) cell.className = "update " + d.update.state;
+      if (i === 4) {
         const badge = document.createElement("span");
         badge.className = "status " + d.status;
         badge.textContent = d.status;
         cell.appendChild(badge);
-      } else if (i === 5) {
+      } else if (i === 6) {
         cell.textContent = percent(d.call_ratio);
         if (d.call_ratio > data.budget_fraction) cell.classList.add("over");
       } else {
@@ -211,6 +212,39 @@ function deviceTable(data) {
   }
   document.getElementById("device-count").textContent =
     devices.length > 200 ? `busiest 200 of ${devices.length}` : `${devices.length} known`;
+}
+
+function updateText(update) {
+  if (!update) return "–";
+  return `v${update.version} ${update.state.replace("_", " ")}` + (update.detail ? `: ${update.detail}` : "");
+}
+
+function rolloutTable(data) {
+  const card = document.getElementById("rollouts-card");
+  card.hidden = data.rollouts.length === 0;
+  const body = document.querySelector("#rollouts tbody");
+  body.replaceChildren();
+  for (const r of data.rollouts) {
+    const row = document.createElement("tr");
+    const stage = r.status === "completed" ? "all stages" : `${r.stage} of ${r.stages} (${r.stage_percent}%)`;
+    const detail = r.reason || r.waiting || "";
+    const cells = [`${r.model} v${r.version}` + (r.group ? ` · ${r.group}` : ""), null, stage, count(r.reached), count(r.rolled_back), detail, ago(r.created_ms, data.now_ms)];
+    cells.forEach((text, i) => {
+      const cell = document.createElement("td");
+      if ([3, 4].includes(i)) cell.className = "num";
+      if (i === 1) {
+        const badge = document.createElement("span");
+        badge.className = "status rollout-" + r.status;
+        badge.textContent = r.status;
+        cell.appendChild(badge);
+      } else {
+        cell.textContent = text;
+      }
+      if (i === 5) cell.className = "detail";
+      row.appendChild(cell);
+    });
+    body.appendChild(row);
+  }
 }
 
 async function refresh() {
@@ -227,6 +261,7 @@ async function refresh() {
     kpis(data);
     ratioChart(data);
     latencyChart(data);
+    rolloutTable(data);
     deviceTable(data);
     document.getElementById("updated").textContent = "updated " + new Date(data.now_ms).toLocaleTimeString();
     document.body.dataset.ready = "1";

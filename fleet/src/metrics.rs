@@ -38,6 +38,12 @@ pub struct OutcomeLabels {
     pub outcome: &'static str,
 }
 
+/// A `transition` label.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TransitionLabels {
+    pub transition: &'static str,
+}
+
 /// Every metric of the fleet.
 #[derive(Debug)]
 pub struct FleetMetrics {
@@ -69,6 +75,17 @@ pub struct FleetMetrics {
     pub gateway_upstream_seconds: Histogram,
     /// Offloads being answered now.
     pub gateway_in_flight: Gauge<i64, AtomicI64>,
+    /// Rollout transitions, by `transition` (`started`, `stage_advanced`, `completed`, `halted`,
+    /// `paused`, `resumed`, `aborted`).
+    pub rollout_transitions: Family<TransitionLabels, Counter>,
+    /// Model assignments published by rollouts, by `kind` (`new`, `rollback`, `late_device`).
+    pub rollout_assignments: Family<KindLabels, Counter>,
+}
+
+/// A `kind` label.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabels {
+    pub kind: &'static str,
 }
 
 impl FleetMetrics {
@@ -92,6 +109,8 @@ impl FleetMetrics {
             // 10 ms … ~5 min.
             gateway_upstream_seconds: Histogram::new(exponential_buckets(0.01, 2.0, 15)),
             gateway_in_flight: Gauge::default(),
+            rollout_transitions: Family::default(),
+            rollout_assignments: Family::default(),
             registry: Registry::default(),
         };
         registry.register("ingest_messages", "Telemetry messages taken in", metrics.ingest_messages.clone());
@@ -143,6 +162,12 @@ impl FleetMetrics {
             metrics.gateway_upstream_seconds.clone(),
         );
         registry.register("gateway_in_flight", "Offloads being answered", metrics.gateway_in_flight.clone());
+        registry.register("rollout_transitions", "Rollout transitions", metrics.rollout_transitions.clone());
+        registry.register(
+            "rollout_assignments",
+            "Model assignments published by rollouts",
+            metrics.rollout_assignments.clone(),
+        );
         Arc::new(Self { registry, ..metrics })
     }
 
@@ -151,6 +176,16 @@ impl FleetMetrics {
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &self.registry).expect("writing to a String");
         text
+    }
+
+    /// Counts one rollout transition.
+    pub fn rollout_transition(&self, transition: &'static str) {
+        self.rollout_transitions.get_or_create(&TransitionLabels { transition }).inc();
+    }
+
+    /// Counts `n` assignments of `kind`.
+    pub fn rollout_assigned(&self, kind: &'static str, n: usize) {
+        self.rollout_assignments.get_or_create(&KindLabels { kind }).inc_by(n as u64);
     }
 
     /// Counts one refused message or event.

@@ -320,6 +320,58 @@ async fn a_staged_rollout_reaches_every_device_canary_first() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_that_appears_after_a_completed_rollout_gets_its_version() {
+    let fleet = fleet(None).await;
+    let devices = Devices::start(&fleet, Behaviour::Healthy).await;
+    let id =
+        start_rollout(&fleet, json!({ "model": "tiny", "version": "2", "stages": three_stages() })).await;
+    wait_for_status(&fleet, &id, "completed").await;
+
+    let late = "robot-late".to_string();
+    let broker = fleet.mqtt.unwrap();
+    let _late_device =
+        tokio::spawn(device(late.clone(), broker, Behaviour::Healthy, devices.received.clone()));
+    wait_until("the late device got version 2", || async { devices.received(&late) == ["2"] }).await;
+    let rollout = fleet.get(&format!("/v1/rollouts/{id}"), None).await;
+    assert_eq!(rollout["status"], "completed");
+    let reached = reached(&rollout);
+    assert_eq!(reached.len(), DEVICES + 1);
+    assert!(reached.iter().any(|d| d.0 == late && !d.2), "{reached:?}");
+    for device in Devices::ids() {
+        assert_eq!(devices.received(&device), ["2"], "{device} was not assigned again");
+    }
+    let late_update = |dashboard: &Value| {
+        let devices = dashboard["devices"].as_array().unwrap();
+        devices.iter().find(|d| d["id"] == late.as_str()).map(|d| d["update"]["state"].clone())
+    };
+    wait_until("the dashboard shows the late device's update active", || async {
+        late_update(&fleet.get("/v1/dashboard", None).await) == Some(json!("active"))
+    })
+    .await;
+    let dashboard = fleet.get("/v1/dashboard", None).await;
+    let shown = &dashboard["rollouts"][0];
+    assert_eq!(
+        (shown["id"].as_str(), shown["status"].as_str()),
+        (Some(id.as_str()), Some("completed")),
+        "{shown}"
+    );
+    assert_eq!(
+        (shown["reached"].as_u64(), shown["rolled_back"].as_u64()),
+        (Some(DEVICES as u64 + 1), Some(0))
+    );
+    let metrics = http().get(fleet.api_url("/metrics")).send().await.unwrap().text().await.unwrap();
+    for line in [
+        "tandem_fleet_rollout_transitions_total{transition=\"started\"} 1",
+        "tandem_fleet_rollout_transitions_total{transition=\"stage_advanced\"} 2",
+        "tandem_fleet_rollout_transitions_total{transition=\"completed\"} 1",
+        &format!("tandem_fleet_rollout_assignments_total{{kind=\"new\"}} {DEVICES}"),
+        "tandem_fleet_rollout_assignments_total{kind=\"late_device\"} 1",
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "no `{line}` in\n{metrics}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failing_canaries_halt_the_rollout_and_only_they_get_the_previous_version_back() {
     let fleet = fleet(None).await;
     let devices = Devices::start(&fleet, Behaviour::FailsOn("2")).await;

@@ -32,7 +32,8 @@ pub async fn style() -> Response {
 }
 
 /// Everything the page draws: the call ratio per model version over time, the totals, both latency
-/// distributions, the devices with their own numbers, and the gateway's fleet budget.
+/// distributions, the devices with their own numbers and update state, the newest rollouts, and
+/// the gateway's fleet budget.
 pub async fn data(
     State(state): State<ApiState>,
     Query(params): Query<DashboardParams>,
@@ -59,6 +60,7 @@ pub async fn data(
     let by_model = state.store.stats(&query(GroupBy::ModelVersion, Some(bucket))).await?;
     let by_device = state.store.stats(&query(GroupBy::Device, None)).await?;
     let devices = state.store.list_devices().await?;
+    let rollouts = recent_rollouts(&state.store).await?;
 
     let mut series: BTreeMap<String, Vec<Value>> = BTreeMap::new();
     for row in &by_model.rows {
@@ -79,6 +81,8 @@ pub async fn data(
                 "id": d.id,
                 "group": d.group,
                 "model_version": d.model_version,
+                "reported_version": d.reported_version,
+                "update": d.update,
                 "status": d.status,
                 "last_seen_ms": d.last_seen_ms,
                 "queries": numbers.map_or(0, |r| r.queries),
@@ -102,8 +106,40 @@ pub async fn data(
             "cloud": { "percentiles": overall.totals.cloud_latency_ms, "histogram": histogram(&distributions.cloud) },
         },
         "devices": devices,
+        "rollouts": rollouts,
         "gateway": state.budgets.as_ref().map(|b| b.report().fleet),
     })))
+}
+
+/// Rollouts shown at most.
+const RECENT_ROLLOUTS: usize = 5;
+
+/// The newest rollouts: what they roll out, where they are, how many devices they reached.
+async fn recent_rollouts(store: &crate::store::Store) -> Result<Vec<Value>, ApiError> {
+    let mut shown = Vec::new();
+    for rollout in store.list_rollouts().await?.into_iter().take(RECENT_ROLLOUTS) {
+        let reached = store.rollout_devices(&rollout.id).await?;
+        let rolled_back = reached.iter().filter(|(_, _, back)| back.is_some()).count();
+        let stage = rollout.plan.stages.get(rollout.stage);
+        shown.push(json!({
+            "id": rollout.id,
+            "model": rollout.model_name,
+            "version": rollout.version,
+            "rollback_version": rollout.rollback_version,
+            "status": rollout.status.as_str(),
+            "stage": rollout.stage + 1,
+            "stages": rollout.plan.stages.len(),
+            "stage_percent": stage.map(|s| s.percent),
+            "group": rollout.plan.group,
+            "reached": reached.len(),
+            "rolled_back": rolled_back,
+            "reason": rollout.reason,
+            "waiting": rollout.waiting,
+            "created_ms": rollout.created_ms,
+            "updated_ms": rollout.updated_ms,
+        }));
+    }
+    Ok(shown)
 }
 
 /// The smallest of 1 s, 5 s, 15 s, 1 min, 5 min, 15 min, 1 h, 6 h, 1 d at least `ms`.

@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use super::decide::{Progress, RolloutStatus, Transition, evaluate};
 use super::plan::{HealthGates, RolloutPlan, RolloutStage};
 use crate::device_link::DeviceLink;
+use crate::metrics::FleetMetrics;
 use crate::store::{AssignmentRow, ModelRecord, RolloutChange, RolloutRecord, Store, StoreError, now_ms};
 
 /// Why a rollout request failed.
@@ -67,6 +68,7 @@ pub struct Rollouts {
     /// One change at a time in this process (the API and the periodic evaluation).
     changing: Mutex<()>,
     wake: Notify,
+    metrics: Arc<FleetMetrics>,
 }
 
 impl std::fmt::Debug for Rollouts {
@@ -77,13 +79,19 @@ impl std::fmt::Debug for Rollouts {
 
 impl Rollouts {
     /// The service; `public_url` is the fleet's API as devices reach it.
-    pub fn new(store: Store, link: Arc<dyn DeviceLink>, public_url: &str) -> Self {
+    pub fn new(
+        store: Store,
+        link: Arc<dyn DeviceLink>,
+        public_url: &str,
+        metrics: Arc<FleetMetrics>,
+    ) -> Self {
         Self {
             store,
             link,
             registry_url: format!("{}/v1/registry", public_url.trim_end_matches('/')),
             changing: Mutex::new(()),
             wake: Notify::new(),
+            metrics,
         }
     }
 
@@ -191,18 +199,22 @@ impl Rollouts {
             superseded = ?superseded,
             "rollout started"
         );
+        self.metrics.rollout_transition("started");
         self.step(&record.id).await?;
         Ok(self.store.rollout(&record.id).await?.unwrap_or(record))
     }
 
     /// Stops assigning; what was assigned stays.
     pub async fn pause(&self, id: &str) -> Result<RolloutRecord, RolloutError> {
-        self.change_status(id, RolloutStatus::Running, RolloutStatus::Paused, None).await
+        let record = self.change_status(id, RolloutStatus::Running, RolloutStatus::Paused, None).await?;
+        self.metrics.rollout_transition("paused");
+        Ok(record)
     }
 
     /// Continues a paused rollout; the current stage's soak starts again.
     pub async fn resume(&self, id: &str) -> Result<RolloutRecord, RolloutError> {
         let record = self.change_status(id, RolloutStatus::Paused, RolloutStatus::Running, None).await?;
+        self.metrics.rollout_transition("resumed");
         self.wake.notify_one();
         Ok(record)
     }
@@ -239,15 +251,68 @@ impl Rollouts {
             at_ms: now,
         };
         self.record(&record, &change).await?;
+        self.metrics.rollout_transition("aborted");
         Ok(self.store.rollout(id).await?.unwrap_or(record))
     }
 
-    /// Makes one step of every running rollout.
+    /// Makes one step of every running rollout, then gives devices that appeared after a rollout
+    /// completed the version it rolled out.
     pub async fn evaluate_all(&self) -> Result<(), RolloutError> {
         for rollout in self.store.active_rollouts().await? {
             if rollout.status == RolloutStatus::Running {
                 self.step(&rollout.id).await?;
             }
+        }
+        self.assign_latecomers().await
+    }
+
+    /// Devices never assigned anything, outside every running or paused rollout, get the version
+    /// of the newest completed rollout that covers them (its group, or every device), recorded as
+    /// reached by it; without such a rollout they keep what they run.
+    async fn assign_latecomers(&self) -> Result<(), RolloutError> {
+        let _one_change = self.changing.lock().await;
+        let unassigned = self.store.unassigned_devices().await?;
+        if unassigned.is_empty() {
+            return Ok(());
+        }
+        let rollouts = self.store.list_rollouts().await?;
+        let covers = |rollout: &RolloutRecord, group: &Option<String>| {
+            rollout.plan.group.is_none() || rollout.plan.group == *group
+        };
+        let mut by_rollout: Vec<(&RolloutRecord, Vec<String>)> = Vec::new();
+        for (device, group) in unassigned {
+            let owned_by_active = rollouts.iter().any(|r| {
+                matches!(r.status, RolloutStatus::Running | RolloutStatus::Paused) && covers(r, &group)
+            });
+            // Newest first: the first completed one covering the device is the fleet's version for it.
+            let latest = rollouts.iter().find(|r| r.status == RolloutStatus::Completed && covers(r, &group));
+            if let (false, Some(rollout)) = (owned_by_active, latest) {
+                match by_rollout.iter_mut().find(|(r, _)| r.id == rollout.id) {
+                    Some((_, devices)) => devices.push(device),
+                    None => by_rollout.push((rollout, vec![device])),
+                }
+            }
+        }
+        for (record, devices) in by_rollout {
+            let now = now_ms();
+            let change = RolloutChange {
+                expect_status: RolloutStatus::Completed,
+                status: RolloutStatus::Completed,
+                stage: record.stage,
+                stage_started_ms: record.stage_started_ms,
+                reason: record.reason.clone(),
+                waiting: record.waiting.clone(),
+                reached: self.assignments(record, &record.version, &devices, now).await?,
+                rolled_back: Vec::new(),
+                at_ms: now,
+            };
+            tracing::info!(
+                rollout = %record.id,
+                version = %record.version,
+                devices = ?devices,
+                "devices that appeared after the rollout completed get its version"
+            );
+            self.record(record, &change).await?;
         }
         Ok(())
     }
@@ -316,10 +381,12 @@ impl Rollouts {
                 change.stage = *stage;
                 change.stage_started_ms = now;
                 tracing::info!(rollout = %record.id, stage = stage + 1, devices = step.assign.len(), "rollout stage started");
+                self.metrics.rollout_transition("stage_advanced");
             }
             Some(Transition::Complete) => {
                 change.status = RolloutStatus::Completed;
                 tracing::info!(rollout = %record.id, version = %record.version, "rollout completed");
+                self.metrics.rollout_transition("completed");
             }
             Some(Transition::Halt { reason, roll_back }) => {
                 change.status = RolloutStatus::Halted;
@@ -333,6 +400,7 @@ impl Rollouts {
                     rollback_version = %record.rollback_version,
                     "rollout halted and rolled back"
                 );
+                self.metrics.rollout_transition("halted");
             }
         }
         if step.transition.is_none() && step.assign.is_empty() && change.waiting == record.waiting {
@@ -352,6 +420,10 @@ impl Rollouts {
         for row in change.reached.iter().chain(&change.rolled_back) {
             self.publish(row);
         }
+        let reached_kind =
+            if change.expect_status == RolloutStatus::Completed { "late_device" } else { "new" };
+        self.metrics.rollout_assigned(reached_kind, change.reached.len());
+        self.metrics.rollout_assigned("rollback", change.rolled_back.len());
         Ok(())
     }
 

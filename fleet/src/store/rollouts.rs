@@ -233,6 +233,18 @@ impl Store {
         Ok(true)
     }
 
+    /// Devices that were never assigned a model, with their group: they appeared after the
+    /// rollouts that would have reached them.
+    pub async fn unassigned_devices(&self) -> Result<Vec<(String, Option<String>)>, StoreError> {
+        let rows: Vec<(String, Option<String>)> = sqlx::query_as(
+            "SELECT d.id, d.device_group FROM devices d WHERE NOT EXISTS \
+             (SELECT 1 FROM device_assignments a WHERE a.device_id = d.id) ORDER BY d.id",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows)
+    }
+
     /// The devices rollout `id` reached: `(device, assigned_at_ms, rolled_back_ms)`, by device.
     pub async fn rollout_devices(&self, id: &str) -> Result<Vec<(String, i64, Option<i64>)>, StoreError> {
         let rows: Vec<(String, i64, Option<i64>)> = sqlx::query_as(
