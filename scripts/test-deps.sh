@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Installs what the tests need besides Rust and ONNX Runtime: the Mosquitto broker, PostgreSQL
 # (the fleet tests start their own cluster with its initdb), Chromium and fonts (the fleet dashboard
-# is rendered headless) from Debian, and a Python venv with the official `openai` package (PyPI).
+# is rendered headless) from Debian, a Python venv with the official `openai` package (PyPI), and a
+# second venv, .venv-s3, with moto's S3-compatible server (PyPI) for the fleet registry's S3 tests.
 # Idempotent; run by `make test`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OPENAI_VERSION=3.52.0
+MOTO_VERSION=5.2.5
 
 apt_install() {
     if [ "$(id -u)" -ne 0 ]; then
@@ -39,4 +41,9 @@ if ! .venv/bin/python -c "import openai" 2>/dev/null; then
     echo "test-deps: creating .venv with openai $OPENAI_VERSION"
     python3 -m venv .venv
     .venv/bin/pip install --quiet "openai==$OPENAI_VERSION"
+fi
+if ! .venv-s3/bin/python -c "import moto.server" 2>/dev/null; then
+    echo "test-deps: creating .venv-s3 with moto[server] $MOTO_VERSION"
+    python3 -m venv .venv-s3
+    .venv-s3/bin/pip install --quiet "moto[server]==$MOTO_VERSION"
 fi

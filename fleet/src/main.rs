@@ -436,7 +436,8 @@ fn registry(command: RegistryCommand) -> anyhow::Result<()> {
         let store = tandem_fleet::store::Store::open(&config.store).await?;
         let result = match command {
             RegistryCommand::Add { bundle, .. } => {
-                let registry = tandem_fleet::registry::Registry::open(registry_config)?;
+                let registry =
+                    tandem_fleet::registry::Registry::open(registry_config, config.registry_s3.as_ref())?;
                 let registered = registry.register(&store, &bundle).await;
                 registered.map(|r| {
                     let mut value = serde_json::to_value(&r.model).expect("records serialise");

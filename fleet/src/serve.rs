@@ -87,7 +87,12 @@ pub async fn start(config: FleetConfig) -> Result<RunningFleet, ServeError> {
     let store = Store::open(&config.store).await?;
     let metrics = FleetMetrics::new();
     tracing::info!(backend = ?store.backend(), "store ready");
-    let registry = config.registry.as_ref().map(Registry::open).transpose()?.map(Arc::new);
+    let registry = config
+        .registry
+        .as_ref()
+        .map(|registry| Registry::open(registry, config.registry_s3.as_ref()))
+        .transpose()?
+        .map(Arc::new);
     if let Some(registry) = &registry {
         registry.clear_staging()?;
     }
@@ -156,6 +161,9 @@ pub async fn start(config: FleetConfig) -> Result<RunningFleet, ServeError> {
         config.api.max_page,
         token,
     );
+    if let Some(devices) = &devices {
+        api_state = api_state.with_devices(devices.clone());
+    }
     let mqtt_ready = api_state.mqtt_ready.clone();
 
     let (mut mqtt_address, mut mqtts_address) = (None, None);

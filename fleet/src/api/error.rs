@@ -15,6 +15,13 @@ use crate::store::StoreError;
 pub enum ApiError {
     #[error("missing or wrong bearer token")]
     Unauthorized,
+    #[error(
+        "missing or wrong credentials: a device sends HTTP Basic with its id and the password the \
+         devices file lists for it (or the operator's bearer token)"
+    )]
+    DeviceUnauthorized,
+    #[error("{0}")]
+    Forbidden(String),
     #[error("{0}")]
     BadRequest(String),
     #[error("the gateway is not running on this fleet")]
@@ -34,7 +41,8 @@ pub enum ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = match &self {
-            ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ApiError::Unauthorized | ApiError::DeviceUnauthorized => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::BadRequest(_) => StatusCode::BAD_REQUEST,
             ApiError::NoGateway | ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
@@ -48,9 +56,14 @@ impl IntoResponse for ApiError {
                 StatusCode::INTERNAL_SERVER_ERROR
             }
         };
+        let challenge = match &self {
+            ApiError::Unauthorized => Some("Bearer"),
+            ApiError::DeviceUnauthorized => Some("Basic realm=\"tandem-fleet\", charset=\"UTF-8\""),
+            _ => None,
+        };
         let mut response = (status, Json(json!({ "error": self.to_string() }))).into_response();
-        if status == StatusCode::UNAUTHORIZED {
-            response.headers_mut().insert("www-authenticate", "Bearer".parse().expect("a valid header"));
+        if let Some(challenge) = challenge {
+            response.headers_mut().insert("www-authenticate", challenge.parse().expect("a valid header"));
         }
         response
     }
@@ -64,7 +77,10 @@ impl From<RegistryError> for ApiError {
             }
             RegistryError::Conflict { .. } => ApiError::Conflict(error.to_string()),
             RegistryError::Store(error) => ApiError::Store(error),
-            RegistryError::Keys(_) | RegistryError::Io { .. } => ApiError::Internal(error.to_string()),
+            RegistryError::Keys(_)
+            | RegistryError::Io { .. }
+            | RegistryError::Storage(_)
+            | RegistryError::Tampered { .. } => ApiError::Internal(error.to_string()),
         }
     }
 }

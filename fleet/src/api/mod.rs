@@ -1,9 +1,11 @@
 //! The operator API (axum): devices, statistics, raw events, the gateway's budgets, the model
 //! registry, rollouts and retraining jobs under `/v1/` (bearer token), plus `/healthz`, `/metrics` (Prometheus),
-//! `/openapi.json` and the dashboard. Devices use two `/v1/` routes without the operator's token:
-//! bundle downloads and their own assignment (see `routes::DEVICE_PATHS`).
+//! `/openapi.json` and the dashboard. Devices use two `/v1/` routes with their own credentials
+//! instead of the operator's token: bundle downloads and their own assignment (see
+//! `routes::DEVICE_PATHS` and `device_auth`).
 
 mod dashboard;
+mod device_auth;
 mod error;
 mod jobs;
 mod models;
@@ -26,6 +28,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use openapi::OPENAPI_JSON;
 
+use crate::devices_file::DeviceDirectory;
 use crate::gateway::BudgetBook;
 use crate::metrics::FleetMetrics;
 use crate::registry::Registry;
@@ -53,6 +56,8 @@ pub struct ApiState {
     pub rollouts: Option<Arc<Rollouts>>,
     /// The retraining scheduler, when configured.
     pub scheduler: Option<Arc<Scheduler>>,
+    /// The devices file, whose credentials let devices download bundles and read their assignment.
+    devices: Option<DeviceDirectory>,
     token: Option<Arc<Secret>>,
 }
 
@@ -75,6 +80,7 @@ impl ApiState {
             registry: None,
             rollouts: None,
             scheduler: None,
+            devices: None,
             token: token.map(Arc::new),
         }
     }
@@ -83,6 +89,12 @@ impl ApiState {
     pub fn with_registry(mut self, registry: Arc<Registry>, rollouts: Arc<Rollouts>) -> Self {
         self.registry = Some(registry);
         self.rollouts = Some(rollouts);
+        self
+    }
+
+    /// The same state with the devices file (device routes then need a device's credentials).
+    pub fn with_devices(mut self, devices: DeviceDirectory) -> Self {
+        self.devices = Some(devices);
         self
     }
 

@@ -8,18 +8,13 @@ use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::{Value, json};
-use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
-use super::ApiState;
 use super::error::ApiError;
+use super::{ApiState, device_auth};
 use crate::registry::Registry;
 use crate::registry::range::{RangeAnswer, parse_range};
-
-/// Bytes read from disk per chunk of a download.
-const CHUNK: usize = 64 * 1024;
 
 /// `POST /v1/models`.
 #[derive(Debug, Deserialize)]
@@ -53,17 +48,20 @@ pub async fn list(State(state): State<ApiState>) -> Result<Json<Value>, ApiError
 }
 
 /// `GET /v1/registry/{name}/{version}/{file}`: one file of a registered bundle, whole or one byte
-/// range (`Range: bytes=N-`), with no token: bundles are signed, and devices check them.
+/// range (`Range: bytes=N-`), read from the registry's store. Any device with its credentials (or
+/// the operator) may download (`device_auth`).
 pub async fn file(
     State(state): State<ApiState>,
     Path((name, version, file)): Path<(String, String, String)>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
+    device_auth::caller(&state, &headers)?;
     let not_found = || ApiError::NotFound(format!("no file {file} in a registered bundle {name} {version}"));
-    let path = registry(&state)?.file_path(&name, &version, &file).ok_or_else(not_found)?;
+    let registry = registry(&state)?;
     let model = state.store.model(&name, &version).await?.ok_or_else(not_found)?;
-    let mut opened = tokio::fs::File::open(&path).await.map_err(|_| not_found())?;
-    let len = opened.metadata().await.map_err(|e| ApiError::Internal(e.to_string()))?.len();
+    let served =
+        registry.served_file(&name, &version, &file, &model.manifest_sha256).await?.ok_or_else(not_found)?;
+    let len = served.len;
     let range = parse_range(headers.get(header::RANGE).and_then(|v| v.to_str().ok()), len);
     let (status, start, end) = match range {
         RangeAnswer::Whole => (StatusCode::OK, 0, len),
@@ -76,32 +74,16 @@ pub async fn file(
             return Ok(response);
         }
     };
-    if start > 0 {
-        opened.seek(std::io::SeekFrom::Start(start)).await.map_err(|e| ApiError::Internal(e.to_string()))?;
-    }
-    let body =
-        Body::from_stream(futures::stream::unfold((opened, end - start), |(mut file, left)| async move {
-            if left == 0 {
-                return None;
-            }
-            let mut buffer = vec![0u8; CHUNK.min(usize::try_from(left).unwrap_or(CHUNK))];
-            match file.read(&mut buffer).await {
-                Ok(0) => None,
-                Ok(n) => {
-                    buffer.truncate(n);
-                    Some((Ok::<_, std::io::Error>(Bytes::from(buffer)), (file, left - n as u64)))
-                }
-                Err(error) => Some((Err(error), (file, 0))),
-            }
-        }));
-    let mut response = Response::new(body);
+    let wanted = (status == StatusCode::PARTIAL_CONTENT).then_some(start..end);
+    let stream = registry.read(&name, &version, &file, &served, wanted).await?;
+    let mut response = Response::new(Body::from_stream(stream));
     *response.status_mut() = status;
     let headers = response.headers_mut();
     headers.insert(header::CONTENT_LENGTH, value(&(end - start).to_string()));
     headers.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/octet-stream"));
-    // A registered version never changes.
-    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("public, max-age=31536000, immutable"));
+    // A registered version never changes; caches may keep it, but only for this device.
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("private, max-age=31536000, immutable"));
     headers.insert(header::ETAG, value(&format!("\"{}-{file}\"", model.manifest_sha256)));
     if status == StatusCode::PARTIAL_CONTENT {
         headers.insert(header::CONTENT_RANGE, value(&format!("bytes {start}-{}/{len}", end - 1)));

@@ -32,11 +32,18 @@ mod tests {
             let device_facing = super::super::routes::DEVICE_PATHS.contains(&path.as_str());
             for (method, operation) in operations {
                 assert!(["get", "post"].contains(&method.as_str()), "{path}: {method}");
-                let secured = operation.get("security").is_some();
+                let expected = if device_facing {
+                    Some(serde_json::json!([{ "device": [] }, { "bearer": [] }]))
+                } else if path.starts_with("/v1/") {
+                    Some(serde_json::json!([{ "bearer": [] }]))
+                } else {
+                    None
+                };
                 assert_eq!(
-                    secured,
-                    path.starts_with("/v1/") && !device_facing,
-                    "{path} {method}: exactly the operator's /v1/ routes need the token"
+                    operation.get("security").cloned(),
+                    expected,
+                    "{path} {method}: the operator's /v1/ routes need the token, the device routes a device's \
+                     credentials or the token, the others nothing"
                 );
             }
         }

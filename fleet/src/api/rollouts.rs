@@ -2,11 +2,12 @@
 
 use axum::Json;
 use axum::extract::{Path, State};
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 
 use super::ApiState;
+use super::device_auth::{self, Caller};
 use super::error::ApiError;
 use crate::rollout::{NewRollout, Rollouts};
 
@@ -65,8 +66,19 @@ pub async fn abort(State(state): State<ApiState>, Path(id): Path<String>) -> Res
 }
 
 /// `GET /v1/devices/{id}/assignment`: the `ModelAssignment` retained on the device's topic, for
-/// devices that poll. No token: it names a signed bundle, nothing secret.
-pub async fn assignment(State(state): State<ApiState>, Path(id): Path<String>) -> Result<Response, ApiError> {
+/// devices that poll. A device reads only its own (403 for another's); the operator reads any.
+pub async fn assignment(
+    State(state): State<ApiState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    if let Caller::Device(device) = device_auth::caller(&state, &headers)?
+        && device != id
+    {
+        return Err(ApiError::Forbidden(format!(
+            "device {device} may read only its own assignment, not {id}'s"
+        )));
+    }
     let row = state
         .store
         .assignment(&id)

@@ -17,13 +17,13 @@ use super::query::{EventParams, StatsParams};
 use super::{dashboard, jobs, models, rollouts};
 use crate::metrics::OPENMETRICS_CONTENT_TYPE;
 
-/// The `/v1/` routes devices call without the operator's token: bundle downloads (the bundles are
-/// signed and devices verify them) and a device's own assignment (it names a signed bundle). The
-/// OpenAPI test checks the document marks exactly the other `/v1/` routes as needing the token.
+/// The `/v1/` routes devices call with their own credentials rather than the operator's token (see
+/// `device_auth`): bundle downloads and a device's own assignment. The OpenAPI test checks the
+/// document marks exactly the other `/v1/` routes as needing the token.
 #[cfg(test)]
 pub const DEVICE_PATHS: [&str; 2] = ["/v1/registry/{name}/{version}/{file}", "/v1/devices/{id}/assignment"];
 
-/// Routes anyone may call.
+/// Routes outside the operator's token (the two device routes check their caller themselves).
 pub fn open() -> Router<ApiState> {
     Router::new()
         .route("/v1/registry/{name}/{version}/{file}", get(models::file))

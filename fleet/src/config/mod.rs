@@ -3,6 +3,7 @@
 //! never binds a port or opens a database; [`FleetConfig::validate`] says what is wrong and why.
 
 mod load;
+mod registry;
 mod scheduler;
 mod validate;
 
@@ -14,6 +15,7 @@ use tandem_core::budget::BudgetPolicy;
 use tandemd::offload::{CircuitBreakerConfig, HttpsCloudConfig, SecretSource};
 
 pub use load::{ConfigError, DEFAULT_CONFIG_PATH, load_config};
+pub use registry::{RegistryConfig, S3StoreConfig};
 pub use scheduler::{
     CallRatioRule, JobTemplate, NewPromptsRule, RunnerKind, SchedulerConfig, default_commands,
 };
@@ -48,30 +50,15 @@ pub struct FleetConfig {
     /// The model registry. Absent: no registry and no rollouts.
     #[serde(default)]
     pub registry: Option<RegistryConfig>,
+    /// Keep the registry's bundles in an S3-compatible bucket instead of `registry.dir`.
+    #[serde(default)]
+    pub registry_s3: Option<S3StoreConfig>,
     /// Staged rollouts of registered models (they need `[registry]`).
     #[serde(default)]
     pub rollouts: RolloutsConfig,
     /// Retraining jobs (see docs/fleet.md, "Retraining"). Absent: no scheduler.
     #[serde(default)]
     pub scheduler: Option<SchedulerConfig>,
-}
-
-/// The model registry: where registered bundles are kept, whose signatures it accepts, and the
-/// URL devices download them from.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RegistryConfig {
-    /// Folder of registered bundles (`NAME/VERSION/`), created when missing. Keep it on the same
-    /// file system as nothing else needs: bundles are staged inside it and renamed into place.
-    pub dir: PathBuf,
-    /// Public keys (`NAME.pub` from `tandem-train keygen`) whose signatures the registry accepts;
-    /// an unsigned bundle, or one signed by another key, is refused.
-    pub trusted_keys: Vec<PathBuf>,
-    /// The fleet's API as devices reach it, e.g. `https://fleet.example.com` (behind a TLS
-    /// proxy); assignments point at `PUBLIC_URL/v1/registry/NAME/VERSION/`. Default:
-    /// `http://` and the address the API listens on.
-    #[serde(default)]
-    pub public_url: Option<String>,
 }
 
 /// Staged rollouts.

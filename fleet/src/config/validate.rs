@@ -38,6 +38,8 @@ pub enum ValidationError {
     NoTrustedKeys,
     #[error("registry.public_url `{0}` is neither http://… nor https://…")]
     PublicUrl(String),
+    #[error("registry: {0}")]
+    RegistryStore(String),
     #[error("rollouts.evaluate_interval_ms must be at least 10")]
     EvaluateInterval,
     #[error("scheduler.{0}")]
@@ -136,6 +138,13 @@ impl FleetConfig {
             {
                 errors.push(ValidationError::PublicUrl(url.clone()));
             }
+            errors.extend(
+                registry_store_problems(registry, self.registry_s3.as_ref())
+                    .into_iter()
+                    .map(ValidationError::RegistryStore),
+            );
+        } else if self.registry_s3.is_some() {
+            errors.push(ValidationError::RegistryStore("[registry_s3] needs a [registry] section".into()));
         }
         if self.rollouts.evaluate_interval_ms < 10 {
             errors.push(ValidationError::EvaluateInterval);
@@ -186,6 +195,40 @@ impl FleetConfig {
     }
 }
 
+/// Where the registry keeps bundles: exactly one of `registry.dir` and `[registry_s3]`, usable.
+fn registry_store_problems(
+    registry: &super::RegistryConfig,
+    s3: Option<&super::S3StoreConfig>,
+) -> Vec<String> {
+    let mut problems = Vec::new();
+    let has_dir = !registry.dir.as_os_str().is_empty();
+    let Some(s3) = s3 else {
+        if !has_dir {
+            problems.push("set `dir` (bundles on this host) or a [registry_s3] section".into());
+        }
+        return problems;
+    };
+    if has_dir {
+        problems.push("set either registry.dir or [registry_s3], not both".into());
+    }
+    if s3.bucket.is_empty() {
+        problems.push("registry_s3.bucket is empty".into());
+    }
+    if let Some(endpoint) = &s3.endpoint {
+        if endpoint.starts_with("http://") && !s3.allow_http {
+            problems.push(format!(
+                "registry_s3.endpoint `{endpoint}` is plain http: use https, or set registry_s3.allow_http = true for a store on loopback"
+            ));
+        } else if !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
+            problems.push(format!("registry_s3.endpoint `{endpoint}` is neither http://… nor https://…"));
+        }
+    }
+    if s3.access_key_id.is_some() != s3.secret_access_key.is_some() {
+        problems.push("registry_s3.access_key_id and registry_s3.secret_access_key go together".into());
+    }
+    problems
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -219,6 +262,28 @@ mod tests {
         assert_eq!(
             config.validate().unwrap_err(),
             vec![ValidationError::NoTrustedKeys, ValidationError::PublicUrl("ftp://x".into())]
+        );
+    }
+
+    #[test]
+    fn the_registry_keeps_bundles_in_one_usable_place() {
+        let base = "[mqtt.embedded]\nallow_anonymous = true\n[registry]\ntrusted_keys = [\"k.pub\"]\n";
+        let problems = |extra: &str| match parse_config(&format!("{base}{extra}")).unwrap().validate() {
+            Ok(()) => Vec::new(),
+            Err(errors) => errors.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        };
+        assert!(problems("dir = \"/r\"\n").is_empty());
+        assert!(problems("[registry_s3]\nbucket = \"b\"\n").is_empty());
+        assert!(problems("")[0].contains("set `dir`"));
+        assert!(problems("dir = \"/r\"\n[registry_s3]\nbucket = \"b\"\n")[0].contains("not both"));
+        let plain = problems("[registry_s3]\nbucket = \"b\"\nendpoint = \"http://127.0.0.1:9000\"\n");
+        assert!(plain[0].contains("allow_http"), "{plain:?}");
+        assert!(
+            problems(
+                "[registry_s3]\nbucket = \"b\"\nendpoint = \"http://127.0.0.1:9000\"\nallow_http = true\n\
+                 access_key_id = { env = \"K\" }\n"
+            )[0]
+            .contains("go together")
         );
     }
 

@@ -1,26 +1,41 @@
 //! The model registry: signed bundles verified (every file's size and sha256 against the
-//! manifest, the manifest's signature against the fleet's trusted keys) and copied into the
-//! registry directory, then recorded in the database. Devices download the files over HTTP with
-//! range requests (`range`).
+//! manifest, the manifest's signature against the fleet's trusted keys), copied into the registry's
+//! store (a folder, or an S3-compatible bucket: `storage`), then recorded in the database. Devices
+//! download the files over HTTP with range requests (`range`), read range by range from the store.
 //!
-//! A bundle is copied into `DIR/.staging/UUID/`, verified again there (the copy is what is served),
-//! renamed to `DIR/NAME/VERSION/` and only then recorded, so a crash never leaves a half bundle
-//! registered: at worst an unrecorded folder, replaced by the next registration of that version.
+//! A bundle's files are stored as `NAME/VERSION/FILE`, read back and checked again (the stored
+//! copy is what is served), their ETags written to `NAME/VERSION/.verified.json`, and only then is
+//! the version recorded. Nothing is served without the record, so a version is visible only once
+//! all its files are stored and verified; a crash leaves at worst unrecorded objects, overwritten
+//! by the next registration of that version. A download checks the object still has the ETag it
+//! had when it was verified; one that changed is hashed again, and refused unless it still matches
+//! the manifest.
 
 pub mod range;
+pub mod storage;
 
-use std::fs;
+use std::collections::{BTreeMap, HashMap};
+use std::ops::Range;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
+use bytes::Bytes;
+use futures::stream::BoxStream;
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tandem_core::bundle::signature::VerifyingKey;
 use tandem_core::bundle::{BundleManifest, MANIFEST_FILE};
 use tandemd::bundle_trust::{BundleTrustError, load_trusted_keys, verify_model_dir};
 
-use crate::config::RegistryConfig;
+use crate::config::{RegistryConfig, S3StoreConfig};
 use crate::store::{ModelRecord, Store, StoreError, now_ms};
+use storage::{BundleStore, ReadFailure, StorageError};
 
+/// Where registrations before the object store staged their copies (only ever a local folder).
 const STAGING: &str = ".staging";
+/// The ETags of a version's verified objects, next to them (bundle file names never start with a
+/// dot, so it cannot be one of them, nor be downloaded).
+const VERIFIED: &str = ".verified.json";
 
 /// Why a bundle was not registered.
 #[derive(Debug, thiserror::Error)]
@@ -33,6 +48,13 @@ pub enum RegistryError {
     Invalid(String),
     #[error("{what}: {source}")]
     Io { what: String, source: std::io::Error },
+    #[error("{0}")]
+    Storage(#[from] StorageError),
+    #[error(
+        "the registry's copy of {name} {version} {file} no longer matches its manifest ({detail}); it \
+         is not served: register the bundle again under a new version"
+    )]
+    Tampered { name: String, version: String, file: String, detail: String },
     #[error(
         "{name} version {version} is already registered with another manifest (sha256 {registered}, this one \
          {offered}); a version's content never changes: give the new bundle a new version"
@@ -50,13 +72,45 @@ pub struct Registered {
     pub created: bool,
 }
 
-/// The registry directory and the keys it trusts.
+/// The registry's store and the keys it trusts.
 #[derive(Debug)]
 pub struct Registry {
-    dir: PathBuf,
+    storage: BundleStore,
+    /// The folder, when the store is one (for what older registrations left in it).
+    dir: Option<PathBuf>,
     trusted: Vec<VerifyingKey>,
-    /// One registration at a time: two of the same version must not race on its folder.
+    /// One registration at a time: two of the same version must not race on its objects.
     registering: tokio::sync::Mutex<()>,
+    /// `.verified.json` of the versions served so far (a registered version never changes).
+    verified: std::sync::Mutex<HashMap<(String, String), Arc<Verified>>>,
+}
+
+/// `NAME/VERSION/.verified.json`: what each stored object of a version was when it was verified.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Verified {
+    /// The sha256 of the stored manifest.json (the database's record).
+    manifest_sha256: String,
+    /// Every stored file, manifest.json included.
+    files: BTreeMap<String, VerifiedFile>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VerifiedFile {
+    size: u64,
+    sha256: String,
+    /// The store's ETag of the object when it was verified.
+    e_tag: Option<String>,
+}
+
+/// A file about to be served.
+#[derive(Debug, Clone)]
+pub struct ServedFile {
+    /// Its size, bytes.
+    pub len: u64,
+    sha256: Option<String>,
+    e_tag: Option<String>,
 }
 
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> RegistryError {
@@ -80,20 +134,31 @@ fn check_component(kind: &str, value: &str) -> Result<(), RegistryError> {
 }
 
 impl Registry {
-    /// Loads the trusted keys and creates the directory.
-    pub fn open(config: &RegistryConfig) -> Result<Self, RegistryError> {
+    /// Loads the trusted keys and opens the store: the bucket of `[registry_s3]` when given, else
+    /// the folder `registry.dir` (created when missing).
+    pub fn open(config: &RegistryConfig, s3: Option<&S3StoreConfig>) -> Result<Self, RegistryError> {
         let trusted = load_trusted_keys(&config.trusted_keys).map_err(RegistryError::Keys)?;
-        let staging = config.dir.join(STAGING);
-        fs::create_dir_all(&staging).map_err(io(format!("cannot create {}", staging.display())))?;
-        Ok(Self { dir: config.dir.clone(), trusted, registering: tokio::sync::Mutex::new(()) })
+        let storage = BundleStore::open(config, s3)?;
+        let dir = s3.is_none().then(|| config.dir.clone());
+        Ok(Self {
+            storage,
+            dir,
+            trusted,
+            registering: tokio::sync::Mutex::new(()),
+            verified: std::sync::Mutex::new(HashMap::new()),
+        })
     }
 
-    /// Deletes what interrupted registrations left in the staging area (at `serve` start; a
-    /// `registry add` running at that moment fails and can be run again).
+    /// Deletes the staging folder that registrations of earlier fleet versions left in a local
+    /// registry folder (at `serve` start).
     pub fn clear_staging(&self) -> Result<(), RegistryError> {
-        let staging = self.dir.join(STAGING);
-        fs::remove_dir_all(&staging).map_err(io(format!("cannot clear {}", staging.display())))?;
-        fs::create_dir_all(&staging).map_err(io(format!("cannot create {}", staging.display())))
+        let Some(staging) = self.dir.as_ref().map(|dir| dir.join(STAGING)) else { return Ok(()) };
+        match std::fs::remove_dir_all(&staging) {
+            Err(error) if error.kind() != std::io::ErrorKind::NotFound => {
+                Err(io(format!("cannot clear {}", staging.display()))(error))
+            }
+            _ => Ok(()),
+        }
     }
 
     /// Verifies the bundle folder `source` (on this host), copies it into the registry and records
@@ -118,12 +183,7 @@ impl Registry {
                 })
             };
         }
-        let (dir, trusted, source, files) =
-            (self.dir.clone(), self.trusted.clone(), checked.source, checked.files);
-        let (name, version, sha) = (model.name.clone(), model.version.clone(), model.manifest_sha256.clone());
-        tokio::task::spawn_blocking(move || install(&dir, &source, &files, &trusted, &name, &version, &sha))
-            .await
-            .expect("the copy does not panic")?;
+        let verified = self.install(&checked.source, &model, &checked.files).await?;
         if !store.insert_model(&model).await? {
             // Recorded meanwhile by another fleet instance sharing the database.
             let existing = store.model(&model.name, &model.version).await?.ok_or_else(|| {
@@ -139,23 +199,194 @@ impl Registry {
             }
             return Ok(Registered { model: existing, created: false });
         }
+        self.remember(&model.name, &model.version, verified);
         tracing::info!(
             bundle = %model.name,
             version = %model.version,
             manifest_sha256 = %model.manifest_sha256,
             bytes = model.size_bytes,
+            store = self.storage.describe(),
             "bundle registered"
         );
         Ok(Registered { model, created: true })
     }
 
-    /// The path of `file` (`manifest.json` or a file the manifest lists) of a registered bundle's
-    /// folder, when every part is a plain name.
-    pub fn file_path(&self, name: &str, version: &str, file: &str) -> Option<PathBuf> {
-        for part in [name, version, file] {
-            check_component("name", part).ok()?;
+    /// Stores the bundle's files and manifest, reads them back and checks them against the
+    /// manifest, and writes `.verified.json`. Deletes what it stored when the check fails.
+    async fn install(
+        &self,
+        source: &Path,
+        model: &ModelRecord,
+        files: &BTreeMap<String, (u64, String)>,
+    ) -> Result<Verified, RegistryError> {
+        let (name, version) = (&model.name, &model.version);
+        let manifest_path = source.join(MANIFEST_FILE);
+        let manifest_size = std::fs::metadata(&manifest_path)
+            .map_err(io(format!("cannot read {}", manifest_path.display())))?
+            .len();
+        let mut expected = files.clone();
+        expected.insert(MANIFEST_FILE.to_string(), (manifest_size, model.manifest_sha256.clone()));
+        let result = async {
+            for file in expected.keys() {
+                self.storage.put_file(&self.storage.key(name, version, file), &source.join(file)).await?;
+            }
+            // What is served is the stored copy: check it, manifest included.
+            let mut verified =
+                Verified { manifest_sha256: model.manifest_sha256.clone(), files: BTreeMap::new() };
+            for (file, (size, sha256)) in &expected {
+                let stored = self.storage.digest(&self.storage.key(name, version, file)).await?;
+                if stored.size != *size || !stored.sha256.eq_ignore_ascii_case(sha256) {
+                    return Err(RegistryError::Invalid(format!(
+                        "the stored copy of {file} ({} bytes, sha256 {}) differs from the bundle's ({size} \
+                         bytes, sha256 {sha256}); it changed while it was being registered, or the store \
+                         altered it",
+                        stored.size, stored.sha256
+                    )));
+                }
+                verified.files.insert(
+                    file.clone(),
+                    VerifiedFile { size: *size, sha256: sha256.clone(), e_tag: stored.e_tag },
+                );
+            }
+            let text = serde_json::to_vec_pretty(&verified).expect("the index serialises");
+            self.storage.put_bytes(&self.storage.key(name, version, VERIFIED), text).await?;
+            Ok(verified)
         }
-        Some(self.dir.join(name).join(version).join(file))
+        .await;
+        if result.is_err() {
+            for file in expected.keys().map(String::as_str).chain([VERIFIED]) {
+                let _ = self.storage.delete(&self.storage.key(name, version, file)).await;
+            }
+        }
+        result
+    }
+
+    fn remember(&self, name: &str, version: &str, verified: Verified) -> Arc<Verified> {
+        let verified = Arc::new(verified);
+        self.verified
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert((name.to_string(), version.to_string()), verified.clone());
+        verified
+    }
+
+    /// `file` (`manifest.json` or a file the manifest lists) of the registered version whose
+    /// manifest has sha256 `manifest_sha256`; `None` when there is no such file.
+    pub async fn served_file(
+        &self,
+        name: &str,
+        version: &str,
+        file: &str,
+        manifest_sha256: &str,
+    ) -> Result<Option<ServedFile>, RegistryError> {
+        for part in [name, version, file] {
+            if check_component("name", part).is_err() {
+                return Ok(None);
+            }
+        }
+        let cached = self
+            .verified
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&(name.to_string(), version.to_string()))
+            .cloned();
+        let verified = match cached {
+            Some(verified) => Some(verified),
+            None => match self.storage.read_all(&self.storage.key(name, version, VERIFIED)).await? {
+                Some(bytes) => {
+                    let verified: Verified =
+                        serde_json::from_slice(&bytes).map_err(|e| RegistryError::Tampered {
+                            name: name.into(),
+                            version: version.into(),
+                            file: VERIFIED.into(),
+                            detail: format!("it does not parse: {e}"),
+                        })?;
+                    Some(self.remember(name, version, verified))
+                }
+                None => None,
+            },
+        };
+        let Some(verified) = verified else {
+            // Registered before `.verified.json` existed: served as stored.
+            let key = self.storage.key(name, version, file);
+            return Ok(self.storage.size(&key).await?.map(|len| ServedFile {
+                len,
+                sha256: None,
+                e_tag: None,
+            }));
+        };
+        if verified.manifest_sha256 != manifest_sha256 {
+            return Err(RegistryError::Tampered {
+                name: name.into(),
+                version: version.into(),
+                file: VERIFIED.into(),
+                detail: format!(
+                    "it lists manifest sha256 {}, the database {manifest_sha256}",
+                    verified.manifest_sha256
+                ),
+            });
+        }
+        Ok(verified.files.get(file).map(|f| ServedFile {
+            len: f.size,
+            sha256: Some(f.sha256.clone()),
+            e_tag: f.e_tag.clone(),
+        }))
+    }
+
+    /// Streams bytes `range` (the whole file when `None`) of `served`. An object whose ETag changed
+    /// since it was verified is hashed again: served (and its new ETag remembered) when it still
+    /// matches the manifest, refused otherwise.
+    pub async fn read(
+        &self,
+        name: &str,
+        version: &str,
+        file: &str,
+        served: &ServedFile,
+        range: Option<Range<u64>>,
+    ) -> Result<BoxStream<'static, std::io::Result<Bytes>>, RegistryError> {
+        let key = self.storage.key(name, version, file);
+        let tampered = |detail: String| RegistryError::Tampered {
+            name: name.into(),
+            version: version.into(),
+            file: file.into(),
+            detail,
+        };
+        match self.storage.read(&key, range.clone(), served.e_tag.clone(), served.len).await {
+            Ok(stream) => return Ok(stream),
+            Err(ReadFailure::Missing) => return Err(tampered("the stored object is gone".into())),
+            Err(ReadFailure::Store(error)) => return Err(error.into()),
+            Err(ReadFailure::Changed) => {}
+        }
+        let Some(sha256) = &served.sha256 else {
+            return Err(tampered(format!("the stored object is no longer {} bytes", served.len)));
+        };
+        let stored = self.storage.digest(&key).await?;
+        if stored.size != served.len || !stored.sha256.eq_ignore_ascii_case(sha256) {
+            tracing::error!(bundle = %name, %version, %file, found = %stored.sha256, expected = %sha256, "a stored bundle file was altered");
+            return Err(tampered(format!(
+                "it has {} bytes and sha256 {}, the manifest says {} bytes and {sha256}",
+                stored.size, stored.sha256, served.len
+            )));
+        }
+        // The same bytes under a new ETag (the folder was copied or restored, say).
+        tracing::info!(bundle = %name, %version, %file, "a stored bundle file has a new ETag but the same content");
+        self.update_e_tag(name, version, file, stored.e_tag.clone());
+        match self.storage.read(&key, range, stored.e_tag, served.len).await {
+            Ok(stream) => Ok(stream),
+            Err(ReadFailure::Store(error)) => Err(error.into()),
+            Err(ReadFailure::Missing | ReadFailure::Changed) => {
+                Err(tampered("the stored object changed while it was being read".into()))
+            }
+        }
+    }
+
+    fn update_e_tag(&self, name: &str, version: &str, file: &str, e_tag: Option<String>) {
+        let mut cache = self.verified.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(verified) = cache.get_mut(&(name.to_string(), version.to_string()))
+            && let Some(entry) = Arc::make_mut(verified).files.get_mut(file)
+        {
+            entry.e_tag = e_tag;
+        }
     }
 }
 
@@ -163,13 +394,15 @@ impl Registry {
 struct Checked {
     source: PathBuf,
     record: ModelRecord,
-    files: Vec<String>,
+    /// Every file the manifest lists, with its size and sha256.
+    files: BTreeMap<String, (u64, String)>,
 }
 
 fn check_source(source: &Path, trusted: &[VerifyingKey]) -> Result<Checked, RegistryError> {
     let verified = verify_model_dir(source, trusted).map_err(RegistryError::Refused)?;
     let manifest_path = source.join(MANIFEST_FILE);
-    let bytes = fs::read(&manifest_path).map_err(io(format!("cannot read {}", manifest_path.display())))?;
+    let bytes =
+        std::fs::read(&manifest_path).map_err(io(format!("cannot read {}", manifest_path.display())))?;
     let text = String::from_utf8_lossy(&bytes);
     let manifest = BundleManifest::from_json(&text).map_err(|e| RegistryError::Invalid(e.to_string()))?;
     check_component("name", &manifest.name)?;
@@ -185,50 +418,10 @@ fn check_source(source: &Path, trusted: &[VerifyingKey]) -> Result<Checked, Regi
         evaluation: serde_json::to_value(&manifest.evaluation).expect("evaluations serialise"),
         provenance: serde_json::to_value(&manifest.provenance).expect("provenance serialises"),
     };
-    Ok(Checked { source: source.to_path_buf(), record, files: manifest.files.keys().cloned().collect() })
-}
-
-/// Copies the bundle into staging, verifies the copy, and renames it into place.
-fn install(
-    dir: &Path,
-    source: &Path,
-    files: &[String],
-    trusted: &[VerifyingKey],
-    name: &str,
-    version: &str,
-    manifest_sha256: &str,
-) -> Result<(), RegistryError> {
-    let staging = dir.join(STAGING).join(uuid::Uuid::now_v7().to_string());
-    fs::create_dir_all(&staging).map_err(io(format!("cannot create {}", staging.display())))?;
-    let result = (|| {
-        for file in files.iter().map(String::as_str).chain([MANIFEST_FILE]) {
-            let (from, to) = (source.join(file), staging.join(file));
-            fs::copy(&from, &to).map_err(io(format!("cannot copy {} into the registry", from.display())))?;
-            fs::File::open(&to)
-                .and_then(|f| f.sync_all())
-                .map_err(io(format!("cannot sync {}", to.display())))?;
-        }
-        // What is served is the copy: verify it, and that its manifest is the one checked.
-        verify_model_dir(&staging, trusted).map_err(RegistryError::Refused)?;
-        let copied = fs::read(staging.join(MANIFEST_FILE)).map_err(io("cannot read the copied manifest"))?;
-        if hex::encode(Sha256::digest(&copied)) != manifest_sha256 {
-            return Err(RegistryError::Invalid("its manifest changed while it was being registered".into()));
-        }
-        let parent = dir.join(name);
-        fs::create_dir_all(&parent).map_err(io(format!("cannot create {}", parent.display())))?;
-        let target = parent.join(version);
-        if target.exists() {
-            // Left by a registration that crashed before recording it: never served, replaced.
-            fs::remove_dir_all(&target).map_err(io(format!("cannot replace {}", target.display())))?;
-        }
-        fs::rename(&staging, &target)
-            .map_err(io(format!("cannot move the bundle to {}", target.display())))?;
-        fs::File::open(&parent)
-            .and_then(|d| d.sync_all())
-            .map_err(io(format!("cannot sync {}", parent.display())))
-    })();
-    if result.is_err() {
-        let _ = fs::remove_dir_all(&staging);
-    }
-    result
+    let files = manifest
+        .files
+        .iter()
+        .map(|(file, digest)| (file.clone(), (digest.size, digest.sha256.clone())))
+        .collect();
+    Ok(Checked { source: source.to_path_buf(), record, files })
 }
