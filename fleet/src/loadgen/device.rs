@@ -193,7 +193,8 @@ impl SimulatedDevice {
         let installer = installer.clone();
         let reports = state.reports.clone();
         let version = assignment.version.clone();
-        let task = tokio::spawn(async move { installer.install(assignment, reports).await });
+        let id = self.id.clone();
+        let task = tokio::spawn(async move { installer.install(&id, assignment, reports).await });
         state.installing = Some((version, task));
     }
 

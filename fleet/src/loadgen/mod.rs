@@ -144,7 +144,11 @@ pub async fn run_load(options: LoadOptions) -> std::io::Result<LoadReport> {
 pub async fn run_load_until(options: LoadOptions, stop: CancellationToken) -> std::io::Result<LoadReport> {
     let counters = Arc::new(Counters::default());
     let installer = match &options.follow {
-        Some(follow) => Some(Arc::new(update::Installer::new(follow.clone(), counters.clone())?)),
+        Some(follow) => Some(Arc::new(update::Installer::new(
+            follow.clone(),
+            options.password.clone(),
+            counters.clone(),
+        )?)),
         None => None,
     };
     let (acked_tx, acked_rx) = mpsc::unbounded_channel::<Vec<Uuid>>();

@@ -38,13 +38,20 @@ pub struct FollowOptions {
 /// What every device's installs share.
 pub(crate) struct Installer {
     pub options: FollowOptions,
+    /// The devices' password (user name = device id), sent as HTTP Basic with each download as
+    /// `tandemd` does; none: no credentials.
+    pub password: Option<String>,
     pub http: reqwest::Client,
     pub permits: Semaphore,
     pub counters: Arc<Counters>,
 }
 
 impl Installer {
-    pub fn new(options: FollowOptions, counters: Arc<Counters>) -> std::io::Result<Self> {
+    pub fn new(
+        options: FollowOptions,
+        password: Option<String>,
+        counters: Arc<Counters>,
+    ) -> std::io::Result<Self> {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(5))
@@ -53,11 +60,16 @@ impl Installer {
             .build()
             .map_err(std::io::Error::other)?;
         let permits = Semaphore::new(options.download_concurrency.max(1));
-        Ok(Self { options, http, permits, counters })
+        Ok(Self { options, password, http, permits, counters })
     }
 
-    /// Installs `assignment`, sending each state to `reports` as it is reached.
-    pub async fn install(&self, assignment: ModelAssignment, reports: mpsc::UnboundedSender<UpdateReport>) {
+    /// Installs `assignment` on `device`, sending each state to `reports` as it is reached.
+    pub async fn install(
+        &self,
+        device: &str,
+        assignment: ModelAssignment,
+        reports: mpsc::UnboundedSender<UpdateReport>,
+    ) {
         let report = |state, detail: Option<String>| {
             let _ = reports.send(UpdateReport {
                 version: assignment.version.clone(),
@@ -68,7 +80,7 @@ impl Installer {
         };
         report(UpdateState::Downloading, None);
         let outcome = if self.options.download {
-            self.download_and_verify(&assignment, &|| report(UpdateState::Verifying, None)).await
+            self.download_and_verify(device, &assignment, &|| report(UpdateState::Verifying, None)).await
         } else {
             report(UpdateState::Verifying, None);
             Ok(())
@@ -84,6 +96,7 @@ impl Installer {
 
     async fn download_and_verify(
         &self,
+        device: &str,
         assignment: &ModelAssignment,
         verifying: &(dyn Fn() + Sync),
     ) -> Result<(), String> {
@@ -94,14 +107,15 @@ impl Installer {
         } else {
             format!("{}/", assignment.url)
         };
-        let (manifest_bytes, manifest_digest) = self.fetch(&format!("{base}manifest.json"), true).await?;
+        let (manifest_bytes, manifest_digest) =
+            self.fetch(device, &format!("{base}manifest.json"), true).await?;
         let mut files = Vec::new();
         let manifest = std::str::from_utf8(&manifest_bytes)
             .map_err(|e| e.to_string())
             .and_then(|text| BundleManifest::from_json(text).map_err(|e| e.to_string()));
         if let Ok(manifest) = &manifest {
             for file in manifest.files.keys() {
-                let (_, digest) = self.fetch(&format!("{base}{file}"), false).await?;
+                let (_, digest) = self.fetch(device, &format!("{base}{file}"), false).await?;
                 files.push((file.clone(), digest));
             }
         }
@@ -139,7 +153,7 @@ impl Installer {
 
     /// GETs `url`, hashing the bytes as they arrive (and keeping them when `keep`); a broken
     /// transfer resumes where it stopped with `Range: bytes=N-`.
-    async fn fetch(&self, url: &str, keep: bool) -> Result<(Vec<u8>, FileDigest), String> {
+    async fn fetch(&self, device: &str, url: &str, keep: bool) -> Result<(Vec<u8>, FileDigest), String> {
         let mut hasher = Sha256::new();
         let mut kept = Vec::new();
         let mut size = 0u64;
@@ -149,6 +163,9 @@ impl Installer {
                 tokio::time::sleep(Duration::from_millis(200 << attempt.min(4))).await;
             }
             let mut request = self.http.get(url);
+            if let Some(password) = &self.password {
+                request = request.basic_auth(device, Some(password));
+            }
             if size > 0 {
                 request = request.header(reqwest::header::RANGE, format!("bytes={size}-"));
             }
@@ -280,7 +297,7 @@ mod tests {
             download_concurrency: 1,
             trusted_keys: vec![parse_public_key(&key).unwrap()],
         };
-        let installer = Installer::new(options, counters.clone()).unwrap();
+        let installer = Installer::new(options, None, counters.clone()).unwrap();
         let assignment = ModelAssignment {
             v: tandem_core::protocol::PROTOCOL_VERSION,
             rollout_id: Some("r".into()),
@@ -291,7 +308,7 @@ mod tests {
             assigned_at_ms: 0,
         };
         let (reports, mut received) = mpsc::unbounded_channel();
-        installer.install(assignment, reports).await;
+        installer.install("robot-1", assignment, reports).await;
         let mut all = Vec::new();
         while let Ok(report) = received.try_recv() {
             all.push(report);
