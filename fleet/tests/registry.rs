@@ -286,6 +286,38 @@ async fn a_fleet_without_a_devices_file_serves_devices_with_the_operators_token(
     assert_eq!(http().get(&file).bearer_auth(TOKEN).send().await.unwrap().status(), StatusCode::OK);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fleet_without_devices_file_or_token_serves_devices_whatever_they_send() {
+    let fleet = TestFleet::start(|config, dir| {
+        config.registry = Some(RegistryConfig {
+            dir: dir.join("registry"),
+            trusted_keys: vec![public_key(dir, &key(1))],
+            public_url: None,
+        });
+    })
+    .await;
+    let bundle = write_bundle(fleet.dir.path(), "tiny", "1", b"graph-one", Some(&key(1)));
+    let response =
+        http().post(fleet.api_url("/v1/models")).json(&json!({ "path": bundle })).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::CREATED);
+    let file = fleet.api_url("/v1/registry/tiny/1/model.onnx");
+    for request in [
+        http().get(&file),
+        http().get(&file).basic_auth(DEVICE, Some(PASSWORD)),
+        http().get(&file).bearer_auth("x"),
+    ] {
+        assert_eq!(request.send().await.unwrap().status(), StatusCode::OK);
+    }
+    let theirs = http()
+        .get(fleet.api_url(&format!("/v1/devices/{OTHER}/assignment")))
+        .basic_auth(DEVICE, Some(PASSWORD));
+    assert_eq!(
+        theirs.send().await.unwrap().status(),
+        StatusCode::NOT_FOUND,
+        "nobody is known, nothing is checked"
+    );
+}
+
 /// moto's S3-compatible server on a free loopback port, stopped when dropped.
 struct S3Server {
     child: Child,
@@ -315,10 +347,16 @@ impl S3Server {
             .stderr(Stdio::null())
             .spawn()
             .expect("moto's server starts");
-        let server = Self { child, endpoint: format!("http://127.0.0.1:{port}") };
+        let mut server = Self { child, endpoint: format!("http://127.0.0.1:{port}") };
         let started = Instant::now();
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(started.elapsed() < Duration::from_secs(30), "moto's server did not listen on {port}");
+            if let Some(status) = server.child.try_wait().unwrap() {
+                panic!(
+                    "moto's server exited at start ({status}); run it by hand to see why: {} -m moto.server",
+                    python.display()
+                );
+            }
+            assert!(started.elapsed() < Duration::from_secs(60), "moto's server did not listen on {port}");
             std::thread::sleep(Duration::from_millis(100));
         }
         server

@@ -33,7 +33,7 @@ pub enum StorageError {
     #[error("cannot read {path}: {source}")]
     Source { path: PathBuf, source: std::io::Error },
     #[error("the registry's store ({store}) failed to {action} {key}: {source}")]
-    Object { store: String, action: &'static str, key: String, source: object_store::Error },
+    Object { store: String, action: &'static str, key: String, source: Box<object_store::Error> },
 }
 
 /// What a stored object holds.
@@ -133,7 +133,7 @@ impl BundleStore {
 
     fn error(&self, action: &'static str, key: &Path) -> impl FnOnce(object_store::Error) -> StorageError {
         let (store, key) = (self.describe.clone(), key.to_string());
-        move |source| StorageError::Object { store, action, key, source }
+        move |source| StorageError::Object { store, action, key, source: Box::new(source) }
     }
 
     /// Stores the local file `source` as `key`, in parts when it is large.
