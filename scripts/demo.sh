@@ -6,11 +6,14 @@
 #      fleet's offload gateway;
 #   3. four device `tandemd serve`s on the committed policy models/countdown-tiny-v1, offloading
 #      over MQTT through the gateway, sending telemetry (prompts opted in), following assignments;
-#   4. a workload of 200 held-out Countdown problems, graded, with a report;
-#   5. a retraining job through the scheduler on the collected data, registering v2;
+#   4. a workload of 200 held-out Countdown problems, graded, with a report, then field traffic
+#      (other problems) whose prompts the devices' telemetry carries to the fleet;
+#   5. a retraining job through the scheduler: 20 GAPG steps from v1's committed checkpoint on the
+#      task data plus the collected prompts (never the held-out ones), exported, signed, registered
+#      as v2;
 #   6. a canary-first rollout of v2 to every device, then the workload again: before and after.
 #
-# About 30 s on 2 cores after `make build`. Every process it starts is stopped on exit (trap).
+# About 2 minutes on 2 cores after `make build`. Every process it starts is stopped on exit (trap).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -20,6 +23,8 @@ DEMO=$ROOT/.demo
 HELPER="python3 $ROOT/scripts/demo/demo.py"
 DEVICES=${DEMO_DEVICES:-4}
 PROBLEMS=${DEMO_PROBLEMS:-200}
+FIELD_PROBLEMS=${DEMO_FIELD_PROBLEMS:-200}
+TRAIN_STEPS=${DEMO_TRAIN_STEPS:-20}
 # Loopback ports; override with DEMO_PORT_BASE when these are taken.
 PORT_BASE=${DEMO_PORT_BASE:-18700}
 API_PORT=$((PORT_BASE + 80))
@@ -76,6 +81,9 @@ step "0. Data: the 200 held-out Countdown problems the committed models were eva
 "$BIN/tandem-train" make-data --out-dir "$DEMO/data" --train 2000 --test 200 --seed 0 \
     --min-count 2 --max-count 3 --max-number 12 --max-target 40 --sft-help-fraction 0.15
 $HELPER check-data --test "$DEMO/data/test.jsonl" --manifest "$ROOT/models/countdown-tiny-v1/manifest.json"
+# Field traffic: other problems of the same kind (another seed), asked after the graded workload.
+"$BIN/tandem-train" make-data --out-dir "$DEMO/field" --train "$FIELD_PROBLEMS" --test 1 --seed 7 \
+    --min-count 2 --max-count 3 --max-number 12 --max-target 40 >/dev/null
 
 step "1. The fleet: embedded MQTT broker, SQLite, registry, scheduler, rollouts"
 cat >"$DEMO/fleet/devices.toml" <<EOF
@@ -90,7 +98,7 @@ for i in $(seq 1 "$DEVICES"); do
 done
 (umask 077; python3 -c "import secrets; print(secrets.token_urlsafe(24))" >"$DEMO/fleet/api-token")
 export DEMO_API_TOKEN_FILE=$DEMO/fleet/api-token
-# The job template's run configuration: the GAPG run that produced v2 (see step 5).
+# The job template's run configuration: the GAPG run of docs/results/countdown-cpu (see step 5).
 cp docs/results/countdown-cpu/configs/gapg.toml "$DEMO/fleet/train-countdown.toml"
 cat >"$DEMO/fleet/fleet.toml" <<EOF
 devices_file = "$DEMO/fleet/devices.toml"
@@ -131,20 +139,29 @@ rollout = false
 
 [[scheduler.template]]
 name = "countdown"
+# The bundle's registry name: the job's version is then one more than the newest registered (2).
+model = "countdown-tiny"
 run_config = "$DEMO/fleet/train-countdown.toml"
 task_data = ["$DEMO/data/train.jsonl"]
+# The graded workload's problems: devices are asked them, but the job never trains on them.
+held_out = ["$DEMO/data/test.jsonl"]
 signing_key = "$ROOT/models/keys/demo.key"
 bundle = "{work_dir}/bundle"
-# No candle checkpoint of v1 ships with the repository (the committed bundles are ONNX), so the
-# job cannot fine-tune v1 here: it summarises the dataset the fleet exported, then takes v2 -- the
-# GAPG run of docs/results/countdown-cpu, done ahead of time by make models -- and signs it.
-# With a checkpoint the default commands (tandem-train train/export/sign) run instead.
+# A short GAPG run (with prompt filtering) from v1's committed trainer checkpoint, evaluated on the
+# held-out problems; the whole CPU experiment ran 60 steps (make models).
 commands = [
-    "python3 $ROOT/scripts/demo/demo.py dataset-summary {dataset}",
-    "cp -r $ROOT/models/countdown-tiny-v2 {bundle}",
+    "$BIN/tandem-train train --config {config}",
+    "$BIN/tandem-train export --from {work_dir}/run/final --out {bundle} --name {model} --version {version} --run {work_dir}/run --parent-version 1",
     "$BIN/tandem-train sign --key {signing_key} --bundle {bundle}",
-    "$BIN/tandem-train verify --bundle {bundle} --key $ROOT/models/keys/demo.pub",
+    "python3 $ROOT/scripts/demo/demo.py dataset-summary {dataset}",
 ]
+
+[scheduler.template.overrides]
+"model.checkpoint" = "$ROOT/models/checkpoints/countdown-tiny-v1"
+"task.test" = "$DEMO/data/test.jsonl"
+"run.steps" = $TRAIN_STEPS
+"run.checkpoint_every" = $TRAIN_STEPS
+"run.eval_every" = 0
 # Only on demand in the demo (no schedule, no telemetry rules).
 EOF
 "$BIN/tandem-fleet" check-config --config "$DEMO/fleet/fleet.toml" >"$DEMO/logs/fleet-check-config.log"
@@ -225,8 +242,15 @@ $HELPER devices --api "$API" --expect "$DEVICES"
 step "4. Workload on v1: $PROBLEMS problems over the devices' OpenAI-compatible API"
 $HELPER workload --devices "$URLS" --data "$DEMO/data/test.jsonl" --limit "$PROBLEMS" --out "$DEMO/before.json"
 $HELPER report --api "$API" --run "$DEMO/before.json"
+echo
+echo "Then $FIELD_PROBLEMS other problems (field traffic, not graded here):"
+$HELPER workload --devices "$URLS" --data "$DEMO/field/train.jsonl" --limit "$FIELD_PROBLEMS" --out "$DEMO/field.json" >/dev/null
+$HELPER field --run "$DEMO/field.json"
 
 step "5. Retraining on the collected data, through the scheduler (tandem-fleet jobs run)"
+echo "The job exports its dataset from the fleet (task data + the prompts devices collected, minus the"
+echo "held-out test problems), runs $TRAIN_STEPS GAPG steps from v1's trainer checkpoint (the trainer's"
+echo "cloud is the exact solver), evaluates, exports, signs, and registers the bundle as v2."
 "$BIN/tandem-fleet" jobs run --config "$DEMO/fleet/fleet.toml" --template countdown >"$DEMO/job.json"
 $HELPER job --file "$DEMO/job.json"
 

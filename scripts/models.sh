@@ -27,4 +27,7 @@ echo "== exporting and signing"
 "$BIN" export --from "$EXP/gapg/final" --out models/countdown-tiny-v2 --name countdown-tiny --version 2 \
     --run "$EXP/gapg" --parent-version 1 --overwrite
 for v in 1 2; do "$BIN" sign --key models/keys/demo.key --bundle "models/countdown-tiny-v$v"; done
+# v1's trainer checkpoint, from which make demo's retraining job starts (it exports to v1's model.onnx).
+rm -rf models/checkpoints/countdown-tiny-v1 && mkdir -p models/checkpoints
+cp -r "$EXP/sft/final" models/checkpoints/countdown-tiny-v1
 du -sh models/countdown-tiny-v*

@@ -45,6 +45,7 @@ fn template(name: &str, dir: &Path, commands: &[&str]) -> JobTemplate {
         run_config: dir.join("train.toml"),
         task_data: Vec::new(),
         held_out: Vec::new(),
+        model: None,
         overrides: [("run.steps".to_string(), toml::Value::Integer(1))].into_iter().collect(),
         commands: commands.iter().map(|c| c.to_string()).collect(),
         bundle: "{work_dir}/bundle".into(),
@@ -157,19 +158,23 @@ async fn an_on_demand_job_trains_signs_and_registers_its_bundle() {
                 .to_string(),
             "grep -q 'steps = 1$' {config}".to_string(),
             format!("{t} init --out {{work_dir}}/ckpt"),
-            format!("{t} export --from {{work_dir}}/ckpt --out {{bundle}} --name tiny --version {{version}}"),
+            format!(
+                "{t} export --from {{work_dir}}/ckpt --out {{bundle}} --name {{model}} --version {{version}}"
+            ),
             format!("{t} sign --key {key} --bundle {{bundle}}"),
         ];
-        vec![template("tiny", dir, &commands.iter().map(String::as_str).collect::<Vec<_>>())]
+        let commands: Vec<&str> = commands.iter().map(String::as_str).collect();
+        vec![JobTemplate { model: Some("tiny".into()), ..template("tiny-job", dir, &commands) }]
     })
     .await;
-    let job = submit(&fleet, "tiny").await;
+    let job = submit(&fleet, "tiny-job").await;
     assert_eq!(job["trigger"], "on_demand");
     let id = job["id"].as_str().unwrap();
     let job = wait_for(&fleet, id, finished).await;
     assert_eq!(job["state"], "succeeded", "{}", job["log_tail"].as_str().unwrap());
     assert_eq!(job["model_name"], "tiny");
     let version = job["model_version"].as_str().unwrap();
+    assert_eq!(version, "1", "the first whole-number version of the template's model");
     assert_eq!(job["dataset_rows"], 2, "the task data");
     assert!(job["evaluation"].is_object());
     assert!(job["log_tail"].as_str().unwrap().contains("registered tiny version"), "{job}");

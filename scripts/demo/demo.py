@@ -364,13 +364,12 @@ def cmd_dataset_summary(args):
     rows = load_jsonl(args.dataset)
     fleet = [r for r in rows if r.get("meta", {}).get("source") == "fleet"]
     answered = [r for r in fleet if r.get("meta", {}).get("cloud_answer")]
+    verifiable = [r for r in fleet if "numbers" in r.get("meta", {})]
     print(f"dataset {args.dataset}: {len(rows)} records = {len(rows) - len(fleet)} task records "
-          f"+ {len(fleet)} prompts collected from the fleet ({len(answered)} with the cloud's answer)")
+          f"+ {len(fleet)} prompts collected from the devices ({len(verifiable)} recognised as Countdown "
+          f"problems, graded by the verifier; {len(answered)} the cloud had answered)")
     if fleet:
         print("a collected record:", json.dumps(fleet[-1])[:400])
-    print("no candle checkpoint of v1 is available here (the committed bundles are ONNX), so this job does not "
-          "fine-tune: it takes models/countdown-tiny-v2, the GAPG run of docs/results/countdown-cpu "
-          "(60 steps from v1, done ahead of time by `make models`), and signs it with models/keys/demo.key")
 
 
 def cmd_job(args):
@@ -381,9 +380,15 @@ def cmd_job(args):
     print(f"  registered {job.get('model_name')} version {job.get('model_version')} "
           f"(signature and hashes checked by the registry)")
     if ev:
-        print(f"  its manifest's evaluation (200 test problems, greedy, 30% cap, from make models): overall "
+        print(f"  the job's own evaluation (200 held-out test problems, greedy, 30% cap, in its manifest): overall "
               f"{ev.get('overall_accuracy', 0) * 100:.1f}%, local {ev.get('local_accuracy', 0) * 100:.1f}%, "
               f"call ratio {ev.get('call_ratio', 0) * 100:.1f}%")
+
+
+def cmd_field(args):
+    s = summarise(json.load(open(args.run)))
+    print(f"field traffic: {s['n']} problems in {s['wall_s']:.0f} s, {s['cloud']} answered by the cloud; the "
+          f"devices' telemetry carried each prompt (opted in) and the cloud's answers to the fleet")
 
 
 def cmd_rollout(args):
@@ -462,7 +467,7 @@ def cmd_compare(args):
     row("workload wall time", lambda s: f"{s['wall_s']:.0f} s")
     totals = fleet_stats(args.api)["totals"]
     print(f"  telemetry events stored in the fleet (GET /v1/stats): {totals['queries']} in all "
-          f"(both workloads and the requests sent during the rollout)")
+          f"(both workloads, the field traffic and the requests sent during the rollout)")
 
 
 def main():
@@ -475,6 +480,7 @@ def main():
     p = sub.add_parser("report"); p.add_argument("--api"); p.add_argument("--run")
     p = sub.add_parser("dataset-summary"); p.add_argument("dataset")
     p = sub.add_parser("job"); p.add_argument("--file")
+    p = sub.add_parser("field"); p.add_argument("--run")
     p = sub.add_parser("rollout"); p.add_argument("--api"); p.add_argument("--job"); p.add_argument("--devices")
     p.add_argument("--expect", type=int); p.add_argument("--data")
     p = sub.add_parser("compare"); p.add_argument("--before"); p.add_argument("--after"); p.add_argument("--api")

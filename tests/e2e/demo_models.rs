@@ -1,11 +1,14 @@
 //! The committed demo bundles under models/ (made by `make models`): signed by the demo key, every
 //! file intact, under the 6 MB the demo allows, with their provenance and evaluation recorded, and
-//! served by tandemd's engine.
+//! served by tandemd's engine; v1's committed trainer checkpoint (what `make demo`'s retraining job
+//! starts from) is the model v1 serves.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use tandemd::bundle_trust::{load_trusted_keys, verify_model_dir};
+
+use tandem_train::export::{ExportOptions, export_bundle};
 
 use crate::fixtures::tandemd_binary;
 
@@ -47,4 +50,24 @@ fn the_committed_demo_bundles_verify_stay_small_record_their_run_and_generate() 
                 || String::from_utf8_lossy(&output.stdout).contains("prompt tokens")
         );
     }
+}
+
+#[test]
+fn the_committed_v1_checkpoint_exports_to_the_committed_v1_model_byte_for_byte() {
+    let out = tempfile::tempdir().unwrap();
+    let bundle = out.path().join("v1");
+    let checkpoint = repo().join("models/checkpoints/countdown-tiny-v1");
+    let written = export_bundle(&checkpoint, &bundle, &ExportOptions::new("countdown-tiny", "1")).unwrap();
+    let committed: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(repo().join("models/countdown-tiny-v1/manifest.json")).unwrap(),
+    )
+    .unwrap();
+    let model = &written.files["model.onnx"];
+    assert_eq!(
+        (model.sha256.as_str(), model.size),
+        (
+            committed["files"]["model.onnx"]["sha256"].as_str().unwrap(),
+            committed["files"]["model.onnx"]["size"].as_u64().unwrap()
+        )
+    );
 }

@@ -62,6 +62,12 @@ pub struct JobTemplate {
     /// (when the file has a `[task]` table), then `overrides`; `{…}` placeholders in it are
     /// replaced.
     pub run_config: PathBuf,
+    /// The registry name of the bundle the job makes (`{model}` in commands and the run
+    /// configuration; default: the template's name). When set, the job's `{version}` is one more
+    /// than the newest whole-number version of it registered (1 when none); otherwise the job's
+    /// creation time in Unix ms.
+    #[serde(default)]
+    pub model: Option<String>,
     /// JSONL task data (`{prompt, answer}` per line) the dataset starts from. Default: the run
     /// configuration's `task.train`.
     #[serde(default)]
@@ -75,7 +81,7 @@ pub struct JobTemplate {
     pub overrides: BTreeMap<String, toml::Value>,
     /// Commands run in order by `sh -c` in the job's folder, each only when the previous one
     /// succeeded. Placeholders: `{work_dir}`, `{config}`, `{dataset}`, `{job_id}`, `{template}`,
-    /// `{version}` (the job's model version), `{bundle}`, `{signing_key}`. Default: train, export
+    /// `{model}`, `{version}` (the job's model version), `{bundle}`, `{signing_key}`. Default: train, export
     /// `{work_dir}/run/final` as the bundle, sign it with `signing_key`.
     #[serde(default)]
     pub commands: Vec<String>,
@@ -148,7 +154,7 @@ const fn default_min_events() -> u64 {
 pub fn default_commands() -> Vec<String> {
     vec![
         "tandem-train train --config {config}".into(),
-        "tandem-train export --from {work_dir}/run/final --out {bundle} --name {template} --version {version} \
+        "tandem-train export --from {work_dir}/run/final --out {bundle} --name {model} --version {version} \
          --overwrite"
             .into(),
         "tandem-train sign --key {signing_key} --bundle {bundle}".into(),

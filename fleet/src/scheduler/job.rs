@@ -39,6 +39,8 @@ pub struct PreparedJob {
     pub task_data: Vec<PathBuf>,
     /// The model version the job's bundle gets (`{version}`).
     pub version: String,
+    /// The bundle's registry name (`{model}`): the template's `model`, else its name.
+    pub model: String,
     signing_key: String,
 }
 
@@ -51,6 +53,7 @@ impl PreparedJob {
             ("dataset", self.dataset_path.display().to_string()),
             ("job_id", self.record.id.clone()),
             ("template", self.record.template.clone()),
+            ("model", self.model.clone()),
             ("version", self.version.clone()),
             ("bundle", self.bundle_path.display().to_string()),
             ("signing_key", self.signing_key.clone()),
@@ -58,18 +61,32 @@ impl PreparedJob {
     }
 }
 
-/// Creates the job's folder and run configuration; the record is `queued`.
+/// The version a job of a template with `model` gives its bundle: one more than the newest
+/// whole-number version of it in `registered` (`(name, version)` pairs), 1 when there is none.
+pub fn next_version<'a>(model: &str, registered: impl IntoIterator<Item = (&'a str, &'a str)>) -> String {
+    let newest = registered
+        .into_iter()
+        .filter(|(name, _)| *name == model)
+        .filter_map(|(_, version)| version.parse::<u64>().ok())
+        .max();
+    newest.map_or(1, |v| v + 1).to_string()
+}
+
+/// Creates the job's folder and run configuration; the record is `queued`. The bundle's version
+/// is `version`, or else the job's creation time in Unix ms.
 pub fn prepare(
     root: &Path,
     template: &JobTemplate,
     overrides: &BTreeMap<String, toml::Value>,
     trigger: &Trigger,
+    version: Option<String>,
 ) -> Result<PreparedJob, RunConfigError> {
     let created_ms = now_ms();
     let id = uuid::Uuid::now_v7().to_string();
     let absolute_root = std::path::absolute(root).unwrap_or_else(|_| root.to_path_buf());
     let work_dir = absolute_root.join(&id);
-    let version = created_ms.to_string();
+    let version = version.unwrap_or_else(|| created_ms.to_string());
+    let model = template.model.clone().unwrap_or_else(|| template.name.clone());
     let config_path = work_dir.join("run.toml");
     let dataset_path = work_dir.join("dataset.jsonl");
     let log_path = work_dir.join("job.log");
@@ -79,6 +96,7 @@ pub fn prepare(
         ("dataset", dataset_path.display().to_string()),
         ("job_id", id.clone()),
         ("template", template.name.clone()),
+        ("model", model.clone()),
         ("version", version.clone()),
     ];
     let base_refs: Vec<(&str, &str)> = base.iter().map(|(k, v)| (*k, v.as_str())).collect();
@@ -137,6 +155,7 @@ pub fn prepare(
         commands,
         task_data,
         version,
+        model,
         signing_key,
     })
 }
@@ -185,6 +204,13 @@ fn set(table: &mut toml::Table, key: &str, value: toml::Value) -> Result<(), Run
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_next_version_follows_the_newest_whole_number_of_that_model() {
+        let registered = [("tiny", "1"), ("tiny", "10"), ("tiny", "9"), ("tiny", "beta"), ("other", "40")];
+        assert_eq!(next_version("tiny", registered), "11");
+        assert_eq!(next_version("new", registered), "1");
+    }
 
     #[test]
     fn dotted_overrides_set_nested_keys_and_refuse_to_go_through_values() {

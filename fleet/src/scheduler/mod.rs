@@ -102,7 +102,17 @@ impl Scheduler {
     ) -> Result<JobRecord, SchedulerError> {
         let template =
             self.config.template(template).ok_or_else(|| SchedulerError::UnknownTemplate(template.into()))?;
-        let prepared = job::prepare(&self.config.work_dir, template, overrides, &trigger)?;
+        let version = match &template.model {
+            Some(model) => {
+                let registered = self.store.list_models().await?;
+                Some(job::next_version(
+                    model,
+                    registered.iter().map(|m| (m.name.as_str(), m.version.as_str())),
+                ))
+            }
+            None => None,
+        };
+        let prepared = job::prepare(&self.config.work_dir, template, overrides, &trigger, version)?;
         if !self.store.insert_job(&prepared.record).await? {
             let _ = std::fs::remove_dir_all(&prepared.work_dir);
             return Err(SchedulerError::Busy(template.name.clone()));

@@ -103,6 +103,7 @@ mod tests {
             run_config: "run.toml".into(),
             task_data: Vec::new(),
             held_out: Vec::new(),
+            model: None,
             overrides: Default::default(),
             commands: vec!["true".into()],
             bundle: "{work_dir}/bundle".into(),
