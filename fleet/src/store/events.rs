@@ -11,7 +11,7 @@ use uuid::Uuid;
 
 use super::devices::{DeviceStatusUpdate, write_statuses};
 use super::latency::quantize_latency;
-use super::{Store, StoreError, values_placeholders};
+use super::{Backend, Store, StoreError, values_placeholders};
 
 const EVENT_COLUMNS: &str = "id, device_id, model_version, at_ms, received_ms, route, help_requested, \
      help_probability, local_prompt_tokens, local_completion_tokens, local_latency_ms, local_latency_q, \
@@ -21,6 +21,15 @@ const EVENT_COLUMN_COUNT: usize = 23;
 /// Rows per INSERT statement (11 500 parameters, under SQLite's and PostgreSQL's limits); larger
 /// statements are not faster.
 const ROWS_PER_STATEMENT: usize = 500;
+/// Set on the SQLite connection of each ingest transaction (they last for the connection).
+/// A multi-row INSERT keeps a statement journal (to undo the statement alone on an error), which
+/// SQLite spills to a temporary file past 64 KiB: in memory instead. A batch dirties a page of the
+/// device index per device: a 64 MiB cache keeps them until the commit (the default 2 MiB spills
+/// them to the WAL mid-transaction, writing pages twice). And the WAL grows to 64 MiB before a
+/// checkpoint copies it into the database, so that pages changed by consecutive batches are
+/// copied once (docs/benchmarks.md, tandem-fleet, has the bytes written per event).
+const SQLITE_WRITER_PRAGMAS: [&str; 3] =
+    ["PRAGMA temp_store = MEMORY", "PRAGMA cache_size = -65536", "PRAGMA wal_autocheckpoint = 16384"];
 
 /// What a batch write did.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -92,9 +101,8 @@ impl Store {
         statuses: &[DeviceStatusUpdate],
         received_ms: i64,
     ) -> Result<InsertOutcome, StoreError> {
-        let mut outcome = InsertOutcome::default();
         if events.is_empty() && statuses.is_empty() {
-            return Ok(outcome);
+            return Ok(InsertOutcome::default());
         }
         // One row per id: PostgreSQL refuses to touch a row twice in one statement.
         let mut seen = HashSet::with_capacity(events.len());
@@ -107,49 +115,43 @@ impl Store {
             let rolled_up = self.rolled_up_among(&late).await?;
             unique.retain(|e| !rolled_up.contains(&e.id.to_string()));
         }
+        // Almost always every event is new: write without RETURNING (which hands every row back
+        // one at a time) and compare the counts. When some ids were stored already, that
+        // transaction is rolled back and the batch written again with RETURNING, to learn which.
+        if let Some(outcome) = self.write_transaction(&unique, statuses, received_ms, false).await? {
+            return Ok(outcome);
+        }
+        let outcome = self.write_transaction(&unique, statuses, received_ms, true).await?;
+        Ok(outcome.expect("with RETURNING every write is complete"))
+    }
+
+    /// One transaction of [`Store::write_batch`]. Without `returning`, `None` (and nothing
+    /// written) when any event was already stored.
+    async fn write_transaction(
+        &self,
+        unique: &[&TelemetryEvent],
+        statuses: &[DeviceStatusUpdate],
+        received_ms: i64,
+        returning: bool,
+    ) -> Result<Option<InsertOutcome>, StoreError> {
+        let mut outcome = InsertOutcome::default();
         let mut tx = self.pool.begin().await?;
+        if self.backend == Backend::Sqlite {
+            for pragma in SQLITE_WRITER_PRAGMAS {
+                sqlx::query(pragma).execute(&mut *tx).await?;
+            }
+        }
         for chunk in unique.chunks(ROWS_PER_STATEMENT) {
-            let sql = format!(
-                "INSERT INTO events ({EVENT_COLUMNS}) VALUES {} ON CONFLICT (id) DO NOTHING RETURNING id",
-                values_placeholders(self.backend, chunk.len(), EVENT_COLUMN_COUNT)
-            );
-            let mut query = sqlx::query(&sql);
-            for e in chunk {
-                query = query
-                    .bind(e.id.to_string())
-                    .bind(e.device_id.clone())
-                    .bind(e.model_version.clone())
-                    .bind(to_i64(e.at_ms))
-                    .bind(received_ms)
-                    .bind(route_name(e.route))
-                    .bind(e.help_requested)
-                    .bind(e.help_probability.map(f64::from))
-                    .bind(i64::from(e.local_tokens.prompt))
-                    .bind(i64::from(e.local_tokens.completion))
-                    .bind(i64::from(e.local_latency_ms))
-                    .bind(quantize_latency(e.local_latency_ms))
-                    .bind(i64::from(e.cloud_tokens.prompt))
-                    .bind(i64::from(e.cloud_tokens.completion))
-                    .bind(i64::from(e.cloud_latency_ms))
-                    .bind(quantize_latency(e.cloud_latency_ms))
-                    .bind(e.transport.map(transport_name))
-                    .bind(e.budget.cloud_share)
-                    .bind(to_i64(e.budget.calls_available))
-                    .bind(e.error_class.clone())
-                    .bind(e.prompt.clone())
-                    .bind(e.local_answer.clone())
-                    .bind(e.cloud_answer.clone());
+            let written = self.insert_rows(&mut tx, chunk, received_ms, returning).await?;
+            if !returning && written.len() < chunk.len() {
+                tx.rollback().await?;
+                return Ok(None);
             }
-            for row in query.fetch_all(&mut *tx).await? {
-                let id: String = row.try_get(0)?;
-                let id =
-                    Uuid::parse_str(&id).map_err(|e| StoreError::Corrupt(format!("event id {id}: {e}")))?;
-                outcome.inserted.insert(id);
-            }
+            outcome.inserted.extend(written);
         }
         // Each device: seen now, running the model of its latest event.
         let mut latest: HashMap<&str, (&str, u64)> = HashMap::new();
-        for e in &unique {
+        for e in unique {
             let entry = latest.entry(&e.device_id).or_insert((&e.model_version, e.at_ms));
             if e.at_ms >= entry.1 {
                 *entry = (&e.model_version, e.at_ms);
@@ -170,18 +172,79 @@ impl Store {
             );
             let mut query = sqlx::query(&sql);
             for (device, (model, at_ms)) in chunk {
-                query = query
-                    .bind(device.to_string())
-                    .bind(model.to_string())
-                    .bind(to_i64(*at_ms))
-                    .bind(received_ms)
-                    .bind(received_ms);
+                query =
+                    query.bind(*device).bind(*model).bind(to_i64(*at_ms)).bind(received_ms).bind(received_ms);
             }
             query.execute(&mut *tx).await?;
         }
         write_statuses(&mut tx, statuses).await?;
         tx.commit().await?;
-        Ok(outcome)
+        Ok(Some(outcome))
+    }
+
+    /// Inserts `chunk` (distinct ids), skipping ids already stored. With `returning`, the ids of
+    /// the rows inserted; without, the chunk's ids when all were inserted, and an empty list
+    /// otherwise.
+    async fn insert_rows(
+        &self,
+        tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+        chunk: &[&TelemetryEvent],
+        received_ms: i64,
+        returning: bool,
+    ) -> Result<Vec<Uuid>, StoreError> {
+        let sql = format!(
+            "INSERT INTO events ({EVENT_COLUMNS}) VALUES {} ON CONFLICT (id) DO NOTHING{}",
+            values_placeholders(self.backend, chunk.len(), EVENT_COLUMN_COUNT),
+            if returning { " RETURNING id" } else { "" }
+        );
+        // Every id as text in one buffer, bound by reference: one allocation per statement.
+        let mut ids = String::with_capacity(chunk.len() * uuid::fmt::Hyphenated::LENGTH);
+        for e in chunk {
+            ids.push_str(e.id.hyphenated().encode_lower(&mut Uuid::encode_buffer()));
+        }
+        let mut query = sqlx::query(&sql);
+        for (i, e) in chunk.iter().enumerate() {
+            let id = &ids[i * uuid::fmt::Hyphenated::LENGTH..(i + 1) * uuid::fmt::Hyphenated::LENGTH];
+            query = query
+                .bind(id)
+                .bind(e.device_id.as_str())
+                .bind(e.model_version.as_str())
+                .bind(to_i64(e.at_ms))
+                .bind(received_ms)
+                .bind(route_name(e.route))
+                .bind(e.help_requested)
+                .bind(e.help_probability.map(f64::from))
+                .bind(i64::from(e.local_tokens.prompt))
+                .bind(i64::from(e.local_tokens.completion))
+                .bind(i64::from(e.local_latency_ms))
+                .bind(quantize_latency(e.local_latency_ms))
+                .bind(i64::from(e.cloud_tokens.prompt))
+                .bind(i64::from(e.cloud_tokens.completion))
+                .bind(i64::from(e.cloud_latency_ms))
+                .bind(quantize_latency(e.cloud_latency_ms))
+                .bind(e.transport.map(transport_name))
+                .bind(e.budget.cloud_share)
+                .bind(to_i64(e.budget.calls_available))
+                .bind(e.error_class.as_deref())
+                .bind(e.prompt.as_deref())
+                .bind(e.local_answer.as_deref())
+                .bind(e.cloud_answer.as_deref());
+        }
+        if !returning {
+            let written = query.execute(&mut **tx).await?.rows_affected();
+            return Ok(if written == chunk.len() as u64 {
+                chunk.iter().map(|e| e.id).collect()
+            } else {
+                Vec::new()
+            });
+        }
+        let mut inserted = Vec::new();
+        for row in query.fetch_all(&mut **tx).await? {
+            let id: String = row.try_get(0)?;
+            inserted
+                .push(Uuid::parse_str(&id).map_err(|e| StoreError::Corrupt(format!("event id {id}: {e}")))?);
+        }
+        Ok(inserted)
     }
 
     /// Events matching `filter` with an id after `after`, oldest id first, at most `limit`.
