@@ -9,10 +9,12 @@ use std::path::PathBuf;
 use reqwest::Url;
 
 use super::download::{DownloadError, DownloadOptions};
+use super::fleet_link::FleetCredentials;
 use super::probation::ProbationPolicy;
 use super::slots::{SlotView, Slots, SlotsError, StagedBundle};
 use super::stage::{Assignment, StageError, StageEvent, Staged, Updater};
 use crate::bundle_trust::{BundleTrustError, load_trusted_keys};
+use crate::offload::{SecretError, SecretSource, read_secret};
 
 /// Arguments of `tandemd update`.
 #[derive(Debug, Clone, clap::Args)]
@@ -41,6 +43,32 @@ pub struct UpdateArgs {
     /// Install the bundle even if this device rolled it back before.
     #[arg(long)]
     pub force: bool,
+    /// The device id to authenticate as (HTTP Basic, with `--password-file`), for a fleet
+    /// registry that requires device credentials.
+    #[arg(long, value_name = "ID", requires = "password_file", conflicts_with = "token_file")]
+    pub device_id: Option<String>,
+    /// File whose first line is that device's password (its `[mqtt] password_file`).
+    #[arg(long, value_name = "FILE", requires = "device_id")]
+    pub password_file: Option<PathBuf>,
+    /// File whose first line is a bearer token to send instead (the fleet's operator token).
+    #[arg(long, value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
+}
+
+impl UpdateArgs {
+    /// The credentials the flags name, read from their files.
+    fn credentials(&self) -> Result<Option<FleetCredentials>, SecretError> {
+        let read = |path: &PathBuf| read_secret(&SecretSource::File(path.clone()));
+        if let Some(path) = &self.token_file {
+            return Ok(Some(FleetCredentials::Token(read(path)?)));
+        }
+        match (&self.device_id, &self.password_file) {
+            (Some(id), Some(path)) => {
+                Ok(Some(FleetCredentials::Device { id: id.clone(), password: read(path)? }))
+            }
+            _ => Ok(None),
+        }
+    }
 }
 
 /// How `tandemd update` ended.
@@ -69,6 +97,9 @@ pub enum UpdateError {
     /// The bundle could not be staged.
     #[error(transparent)]
     Stage(#[from] StageError),
+    /// `--password-file` or `--token-file` could not be read.
+    #[error("the fleet credentials: {0}")]
+    Credentials(#[from] SecretError),
 }
 
 /// Runs `tandemd update`; `on_event` hears about progress.
@@ -86,7 +117,11 @@ pub async fn run_update(
     for recovery in slots.recovered() {
         tracing::warn!(?recovery, "recovered from an interrupted run");
     }
-    let options = DownloadOptions { bandwidth_limit: args.limit_rate, ..DownloadOptions::default() };
+    let options = DownloadOptions {
+        bandwidth_limit: args.limit_rate,
+        credentials: args.credentials()?,
+        ..DownloadOptions::default()
+    };
     let mut updater = Updater::new(slots, options)?;
     let assignment = Assignment {
         url: args.from.clone(),

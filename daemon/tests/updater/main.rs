@@ -439,6 +439,34 @@ fn a_rolled_back_build_is_refused_until_forced() {
     assert_eq!(serving(state.path()).as_deref(), Some("2"));
 }
 
+#[test]
+fn a_manual_update_sends_the_credentials_it_is_given() {
+    let server = FileServer::start(Faults::None);
+    let state = tempfile::tempdir().unwrap();
+    let secrets = tempfile::tempdir().unwrap();
+    std::fs::write(secrets.path().join("password"), "edge-one-password-0123\n").unwrap();
+    std::fs::write(secrets.path().join("token"), "operator-token\n").unwrap();
+    let (password_file, token_file) = (secrets.path().join("password"), secrets.path().join("token"));
+    let password = ["--device-id", "edge-1", "--password-file", arg(&password_file)];
+    let args = child_args(state.path(), &server.url("v1"), &password);
+    runtime().block_on(run_update(&args, &|_| {})).unwrap();
+    // base64("edge-1:edge-one-password-0123")
+    let basic = "Basic ZWRnZS0xOmVkZ2Utb25lLXBhc3N3b3JkLTAxMjM=";
+    let sent = server.authorizations();
+    assert!(!sent.is_empty() && sent.iter().all(|a| a.as_deref() == Some(basic)), "{sent:?}");
+
+    let token = ["--token-file", arg(&token_file)];
+    let args = child_args(state.path(), &server.url("v2"), &token);
+    runtime().block_on(run_update(&args, &|_| {})).unwrap();
+    let sent = server.authorizations();
+    assert!(sent.iter().any(|a| a.as_deref() == Some("Bearer operator-token")), "{sent:?}");
+
+    let missing = ["--token-file", "/nonexistent/token"];
+    let err = runtime().block_on(run_update(&child_args(state.path(), &server.url("v1"), &missing), &|_| {}));
+    let text = err.unwrap_err().to_string();
+    assert!(text.contains("fleet credentials") && text.contains("/nonexistent/token"), "{text}");
+}
+
 // ---------------------------------------------------------------------------------------------
 // SIGKILL at random points of `tandemd update` in a child process
 
