@@ -115,13 +115,20 @@ impl Task {
             tokio::select! {
                 () = stop.cancelled() => return,
                 assignment = assignments.recv() => match assignment {
-                    Some(assignment) => self.follow(assignment).await,
+                    Some(assignment) => {
+                        self.follow(assignment).await;
+                        // A retry waits a whole interval from the failure: a tick that fell due
+                        // during a long attempt would retry at once, and the `failed` report would
+                        // be replaced before the fleet ever saw it.
+                        retry.reset();
+                    }
                     None => return,
                 },
                 _ = health.tick() => self.health_probe().await,
                 _ = retry.tick(), if self.retry.is_some() => {
                     if let Some(assignment) = self.retry.take() {
                         self.follow(assignment).await;
+                        retry.reset();
                     }
                 }
             }
@@ -153,6 +160,9 @@ impl Task {
     }
 
     async fn follow(&mut self, assignment: ModelAssignment) {
+        // The fleet's latest assignment replaces one kept for a retry, also when it needs no update
+        // (a rollback to the version served must not be followed by a retry of the abandoned one).
+        self.retry = None;
         let served = self.parts.model.current().version();
         if self.settled.as_deref() == Some(assignment.manifest_sha256.as_str()) {
             return;
@@ -167,7 +177,6 @@ impl Task {
             version = assignment.version, bundle = assignment.bundle_name, served,
             rollout = ?assignment.rollout_id, "new model assignment"
         );
-        self.retry = None;
         match self.update(&assignment).await {
             Ok(()) => self.settled = Some(assignment.manifest_sha256.clone()),
             Err(Refusal::Final(detail)) => {
