@@ -12,6 +12,7 @@ mod fleet_dashboard;
 mod fleet_faults;
 mod fleet_ingest;
 mod fleet_offload;
+mod fleet_rollouts;
 mod fleet_support;
 mod foreign_formats;
 mod mqtt;
