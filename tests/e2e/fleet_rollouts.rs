@@ -566,9 +566,9 @@ fn a_bundle_tampered_in_the_registry_is_refused_by_every_device_it_reaches_and_t
     std::fs::write(&model, bytes).unwrap();
 
     let id = rig.start_rollout("2", &[(10, 1), (50, 1), (100, 1)]);
-    // The fleet refuses to serve a stored file that no longer matches (HTTP 500), and a device gives up
-    // after its download retries (about 90 s); a device that got the bytes would refuse them itself.
-    let rollout = rig.wait_until_settled(&id, Duration::from_secs(150), |_| {});
+    // The fleet refuses to serve a stored file that no longer matches (HTTP 409, not retried), so a
+    // device reports the update failed at once; a device that got the bytes would refuse them itself.
+    let rollout = rig.wait_until_settled(&id, Duration::from_secs(60), |_| {});
     let canaries = assert_halted_at_the_canary(&rollout, &["reported failed for version 2", "model.onnx"]);
 
     for device in canaries.iter().map(|id| rig.device(id)) {

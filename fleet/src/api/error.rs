@@ -75,12 +75,16 @@ impl From<RegistryError> for ApiError {
             RegistryError::Refused(_) | RegistryError::Invalid(_) => {
                 ApiError::Unprocessable(error.to_string())
             }
-            RegistryError::Conflict { .. } => ApiError::Conflict(error.to_string()),
+            // A stored file that no longer matches its manifest stays that way until an operator
+            // repairs it: 409 tells devices not to retry (they report the update failed at once,
+            // so the rollout halts), where a 5xx would have them retry for minutes.
+            RegistryError::Conflict { .. } | RegistryError::Tampered { .. } => {
+                ApiError::Conflict(error.to_string())
+            }
             RegistryError::Store(error) => ApiError::Store(error),
-            RegistryError::Keys(_)
-            | RegistryError::Io { .. }
-            | RegistryError::Storage(_)
-            | RegistryError::Tampered { .. } => ApiError::Internal(error.to_string()),
+            RegistryError::Keys(_) | RegistryError::Io { .. } | RegistryError::Storage(_) => {
+                ApiError::Internal(error.to_string())
+            }
         }
     }
 }
