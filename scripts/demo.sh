@@ -266,3 +266,13 @@ step "Before and after"
 $HELPER compare --before "$DEMO/before.json" --after "$DEMO/after.json" --api "$API"
 echo
 echo "make demo took $(( $(date +%s) - STARTED )) s. Everything is in .demo/ (configs, logs, fleet.db, registry, jobs)."
+if [ -n "${DEMO_HOLD:-}" ]; then
+    echo
+    echo "DEMO_HOLD is set: everything keeps running. The fleet's dashboard:"
+    echo "  $API/#token=$(cat "$DEMO/fleet/api-token")"
+    echo "Press Ctrl-C to stop."
+    # `wait` returns on a signal at once (a foreground sleep would delay the trap).
+    while :; do sleep 3600 & wait $!; done
+else
+    echo "(DEMO_HOLD=1 make demo keeps everything running at the end, to look at the fleet's dashboard.)"
+fi
