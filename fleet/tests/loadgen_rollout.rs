@@ -7,7 +7,7 @@
 mod support;
 
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use reqwest::StatusCode;
 use serde_json::{Value, json};
@@ -17,6 +17,7 @@ use tandem_fleet::loadgen::{FollowOptions, LoadOptions, LoadReport, run_load_unt
 use tokio_util::sync::CancellationToken;
 
 use support::fleet::{TestFleet, http};
+use support::wait::wait_until;
 
 const DEVICES: usize = 6;
 
@@ -74,18 +75,6 @@ fn devices(fleet: &TestFleet, stop: &CancellationToken) -> tokio::task::JoinHand
     };
     let stop = stop.clone();
     tokio::spawn(async move { run_load_until(options, stop).await.unwrap() })
-}
-
-async fn wait_until<F, Fut>(what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let started = Instant::now();
-    while !check().await {
-        assert!(started.elapsed() < Duration::from_secs(60), "timed out waiting until {what}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 async fn online(fleet: &TestFleet) -> Vec<Value> {

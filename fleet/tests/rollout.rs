@@ -7,7 +7,7 @@ mod support;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use reqwest::StatusCode;
 use rumqttc::v5::mqttbytes::QoS;
@@ -24,6 +24,7 @@ use support::bundle::{key, public_key, write_bundle};
 use support::fleet::{TestFleet, http};
 use support::postgres::TestPostgres;
 use support::telemetry::{event, now_ms};
+use support::wait::wait_until;
 
 const DEVICES: usize = 20;
 
@@ -155,18 +156,6 @@ async fn device(
             Ok(_) => {}
             Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
         }
-    }
-}
-
-async fn wait_until<F, Fut>(what: &str, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let started = Instant::now();
-    while !check().await {
-        assert!(started.elapsed() < Duration::from_secs(60), "timed out waiting until {what}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 

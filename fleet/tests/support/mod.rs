@@ -7,3 +7,4 @@ pub mod mqtt;
 pub mod pki;
 pub mod postgres;
 pub mod telemetry;
+pub mod wait;
