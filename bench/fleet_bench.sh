@@ -6,6 +6,8 @@
 #   2. max:       the same load into the fleet; its commit rate (first to last commit) and no loss;
 #   3. sustained: a fixed offered rate for longer; end-to-end latency (event created on the device
 #                 → committed in SQLite) and no loss.
+# Also the CPU time each process spent per event, which does not depend on how the cores were
+# shared with other work, and the bytes the fleet wrote to disk per event.
 # Every daemon is on a free loopback port and stopped on exit. Results: stdout and
 # .bench/fleet/results.md. Knobs: BENCH_FLEET_{DEVICES,BATCH,MAX_SECONDS,RATE,SECONDS}.
 set -euo pipefail
@@ -82,6 +84,9 @@ CONF
 }
 stop_fleet() { kill "$FLEET_PID"; wait "$FLEET_PID" 2>/dev/null || true; }
 
+# CPU seconds a process has used so far, and bytes it has caused to be written to disk.
+cpu_seconds() { awk -v hz="$(getconf CLK_TCK)" '{print ($14 + $15) / hz}' "/proc/$1/stat"; }
+disk_bytes() { awk '/^write_bytes/ {print $2}' "/proc/$1/io"; }
 stored() {
     curl -s "http://127.0.0.1:$API_PORT/metrics" \
         | awk '/^tandem_fleet_ingest_events_total\{result="stored"\}/ {print $2}' | head -1
@@ -102,6 +107,7 @@ PIDS+=("$SINK")
 for _ in $(seq 200); do [ -f "$RUN/sink.ready" ] && break; sleep 0.05; done
 loadgen --rate 0 --duration "$MAX_SECONDS" --drain 30 > "$RUN/ceiling-load.json"
 wait "$SINK"
+BROKER_CPU_CEILING=$(cpu_seconds "$BROKER")
 stop_broker
 CEILING=$(python3 -c "import json; print(round(json.load(open('$RUN/sink.json'))['messages_per_second'] * $BATCH))")
 echo "   $CEILING events/s delivered to the discarding subscriber"
@@ -111,15 +117,20 @@ start_broker
 start_fleet
 loadgen --rate 0 --duration "$MAX_SECONDS" --drain 120 > "$RUN/max-load.json"
 wait_stored "$(json "$RUN/max-load.json" "['events_acked']")"
+FLEET_CPU=$(cpu_seconds "$FLEET_PID")
+FLEET_DISK=$(disk_bytes "$FLEET_PID")
+BROKER_CPU_MAX=$(cpu_seconds "$BROKER")
 stop_fleet
 stop_broker
-python3 - "$RUN/fleet.db" "$RUN/max-load.json" > "$RUN/max.json" <<'PY'
+python3 - "$RUN/fleet.db" "$RUN/max-load.json" "$FLEET_CPU" "$FLEET_DISK" > "$RUN/max.json" <<'PY'
 import json, sqlite3, sys
 db = sqlite3.connect(sys.argv[1])
 load = json.load(open(sys.argv[2]))
 n, first, last = db.execute("SELECT COUNT(*), MIN(received_ms), MAX(received_ms) FROM events").fetchone()
 print(json.dumps({"events": n, "acked": load["events_acked"], "seconds": (last - first) / 1000,
-                  "events_per_second": round(n / max((last - first) / 1000, 1e-9))}))
+                  "events_per_second": round(n / max((last - first) / 1000, 1e-9)),
+                  "fleet_cpu_us_per_event": round(float(sys.argv[3]) * 1e6 / max(n, 1), 1),
+                  "fleet_disk_bytes_per_event": round(int(sys.argv[4]) / max(n, 1))}))
 PY
 MAX=$(json "$RUN/max.json" "['events_per_second']")
 echo "   $MAX events/s committed ($(json "$RUN/max.json" "['events']") events, $(json "$RUN/max.json" "['acked']") acknowledged to devices)"
@@ -148,6 +159,14 @@ P99=$(json "$RUN/sustained.json" "['p99_ms']")
 LOSS_MAX=$(( $(json "$RUN/max.json" "['acked']") - $(json "$RUN/max.json" "['events']") ))
 LOSS_SUSTAINED=$(( $(json "$RUN/sustained.json" "['acked']") - $(json "$RUN/sustained.json" "['events']") ))
 PERCENT=$(python3 -c "print(round(100 * $MAX / $CEILING))")
+# CPU per event, whatever share of the cores each process got: the broker's over everything it
+# delivered in each phase (the load generator's messages in, the subscriber's out), the fleet's
+# over everything it stored (parsing, SQLite, acknowledging).
+CEILING_EVENTS=$(json "$RUN/ceiling-load.json" "['events_acked']")
+BROKER_US_CEILING=$(python3 -c "print(round($BROKER_CPU_CEILING * 1e6 / $CEILING_EVENTS, 1))")
+BROKER_US_MAX=$(python3 -c "print(round($BROKER_CPU_MAX * 1e6 / $(json "$RUN/max.json" "['events']"), 1))")
+FLEET_US=$(json "$RUN/max.json" "['fleet_cpu_us_per_event']")
+FLEET_BYTES=$(json "$RUN/max.json" "['fleet_disk_bytes_per_event']")
 LOAD=$(cut -d' ' -f1-3 /proc/loadavg)
 
 {
@@ -157,6 +176,8 @@ LOAD=$(cut -d' ' -f1-3 /proc/loadavg)
     echo "| tandem-fleet, flat out | $MAX ($PERCENT % of the ceiling) | – | – | $LOSS_MAX |"
     echo "| tandem-fleet, $RATE events/s offered for ${SUSTAINED_SECONDS} s | $SUSTAINED | $P50 ms | $P99 ms | $LOSS_SUSTAINED |"
     echo
+    echo "CPU per event: Mosquitto $BROKER_US_CEILING µs (ceiling run), $BROKER_US_MAX µs (into the fleet);"
+    echo "tandem-fleet $FLEET_US µs, and $FLEET_BYTES bytes written to disk per event (flat out)."
     echo "Load average at the end: $LOAD (2 vCPU; the load generator, Mosquitto and the fleet share them)."
 } | tee "$BENCH/results.md"
 [ "$LOSS_MAX" = 0 ] && [ "$LOSS_SUSTAINED" = 0 ] || { echo "fleet_bench: events were lost" >&2; exit 1; }
