@@ -22,7 +22,7 @@ use tandem_train::model::presets::Preset;
 use tandem_train::model::{DEFAULT_INIT_STD, TrainableModel};
 use tandem_train::run::bench::{BenchSettings, bench_gapg_step};
 use tandem_train::run::trainer::{CLOUD_CACHE_FILE, FINAL_DIR, describe_eval, device_from_name, open_cloud};
-use tandem_train::run::{RunConfig, Trainer};
+use tandem_train::run::{ProgressMode, RunConfig, Trainer};
 use tandem_train::signing;
 use tandem_train::task::TaskKind;
 use tandem_train::task::sft_data::{countdown_examples, write_examples};
@@ -421,7 +421,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Train { config, resume, quiet } => {
             let run = RunConfig::load(&config)?;
             let trainer = Trainer::prepare(run, resume)?;
-            let summary = trainer.run(!quiet && std::io::stderr().is_terminal())?;
+            let progress = match (quiet, std::io::stderr().is_terminal()) {
+                (true, _) => ProgressMode::Quiet,
+                (false, true) => ProgressMode::Bar,
+                (false, false) => ProgressMode::Lines,
+            };
+            let summary = trainer.run(progress)?;
             println!("finished {} steps in {}", summary.steps, summary.out_dir.display());
             println!("final model: {}", summary.final_model.display());
             if let Some(report) = &summary.eval {

@@ -18,4 +18,5 @@ pub mod progress;
 pub mod trainer;
 
 pub use config::RunConfig;
+pub use progress::ProgressMode;
 pub use trainer::{RunError, RunSummary, Trainer};

@@ -29,7 +29,7 @@ use super::config::{CloudSection, ConfigError, FinetuneKind, RunConfig};
 use super::data::{EpochSampler, derive_seed};
 use super::metrics::{EvalMetrics, MetricsError, MetricsLog, MetricsRecord, StepMetrics};
 use super::plots;
-use super::progress::Progress;
+use super::progress::{Progress, ProgressMode};
 use crate::algorithms::AlgorithmKind;
 use crate::algorithms::filter::{GroupSummary, PromptFilter, Selection};
 use crate::algorithms::group::{Group, Sample};
@@ -366,9 +366,9 @@ impl Trainer {
     }
 
     /// Runs the remaining steps, then saves the final model, evaluates and plots.
-    pub fn run(mut self, show_progress: bool) -> Result<RunSummary, RunError> {
+    pub fn run(mut self, progress: ProgressMode) -> Result<RunSummary, RunError> {
         let total = self.config.run.steps;
-        let progress = Progress::new(total, self.step.min(total), show_progress);
+        let progress = Progress::new(total, self.step.min(total), progress);
         if self.step > 0 {
             progress.println(format!("resuming {} at step {}", self.out_dir.display(), self.step));
         }

@@ -2,7 +2,7 @@
 
 use candle_core::{Device, Tensor};
 use tandem_train::model::presets::Preset;
-use tandem_train::run::{RunConfig, RunError, Trainer};
+use tandem_train::run::{ProgressMode, RunConfig, RunError, Trainer};
 
 use crate::support::{countdown_data, tiny_model, toml_path};
 
@@ -45,7 +45,7 @@ lr = 1e-3
         sft = toml_path(&sft)
     );
     let config = RunConfig::parse(&text).unwrap();
-    let err = Trainer::prepare(config, false).unwrap().run(false).unwrap_err();
+    let err = Trainer::prepare(config, false).unwrap().run(ProgressMode::Quiet).unwrap_err();
     assert!(matches!(err, RunError::NonFinite { step: 1, what: "loss", .. }), "{err}");
     let message = err.to_string();
     assert!(

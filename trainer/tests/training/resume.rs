@@ -6,7 +6,7 @@ use std::path::Path;
 
 use tandem_train::model::presets::Preset;
 use tandem_train::run::metrics::MetricsRecord;
-use tandem_train::run::{RunConfig, RunError, Trainer};
+use tandem_train::run::{ProgressMode, RunConfig, RunError, Trainer};
 
 use crate::support::{countdown_data, tiny_model, toml_path};
 
@@ -109,7 +109,7 @@ fn resuming_from_a_checkpoint_continues_bit_identically() {
     let (train, _, sft) = countdown_data(&dir.path().join("data"), 40, 5);
     let warm = Trainer::prepare(sft_config(&dir.path().join("sft"), &base, &sft), false)
         .unwrap()
-        .run(false)
+        .run(ProgressMode::Quiet)
         .unwrap();
     let losses: Vec<f64> = std::fs::read_to_string(dir.path().join("sft/metrics.jsonl"))
         .unwrap()
@@ -125,13 +125,13 @@ fn resuming_from_a_checkpoint_continues_bit_identically() {
     let straight = dir.path().join("straight");
     Trainer::prepare(gapg_config(&straight, &warm.final_model, &train, 4), false)
         .unwrap()
-        .run(false)
+        .run(ProgressMode::Quiet)
         .unwrap();
 
     let interrupted = dir.path().join("interrupted");
     Trainer::prepare(gapg_config(&interrupted, &warm.final_model, &train, 2), false)
         .unwrap()
-        .run(false)
+        .run(ProgressMode::Quiet)
         .unwrap();
     let again = Trainer::prepare(gapg_config(&interrupted, &warm.final_model, &train, 4), false);
     assert!(
@@ -140,7 +140,7 @@ fn resuming_from_a_checkpoint_continues_bit_identically() {
     );
     let resumed = Trainer::prepare(gapg_config(&interrupted, &warm.final_model, &train, 4), true).unwrap();
     assert_eq!(resumed.step(), 2);
-    resumed.run(false).unwrap();
+    resumed.run(ProgressMode::Quiet).unwrap();
 
     let read = |run: &Path| std::fs::read(run.join("final/model.safetensors")).unwrap();
     assert!(
@@ -167,7 +167,7 @@ fn grpo_dr_grpo_and_lora_runs_update_and_lora_runs_resume() {
     let mut warm_config = sft_config(&dir.path().join("sft"), &base, &sft);
     warm_config.run.steps = 20;
     warm_config.run.checkpoint_every = 20;
-    let warm = Trainer::prepare(warm_config, false).unwrap().run(false).unwrap().final_model;
+    let warm = Trainer::prepare(warm_config, false).unwrap().run(ProgressMode::Quiet).unwrap().final_model;
 
     for (name, algorithm) in [
         ("grpo", "kind = \"grpo\"\nkl_beta = 0.04"),
@@ -176,7 +176,7 @@ fn grpo_dr_grpo_and_lora_runs_update_and_lora_runs_resume() {
         let out = dir.path().join(name);
         Trainer::prepare(rl_config(&out, &warm, &train, 2, algorithm, ""), false)
             .unwrap()
-            .run(false)
+            .run(ProgressMode::Quiet)
             .unwrap();
         let records = tandem_train::run::metrics::read_records(&out.join("metrics.jsonl")).unwrap();
         let steps: Vec<_> = records
@@ -196,7 +196,7 @@ fn grpo_dr_grpo_and_lora_runs_update_and_lora_runs_resume() {
     let straight = dir.path().join("lora-straight");
     Trainer::prepare(rl_config(&straight, &warm, &train, 4, "kind = \"gapg\"\nfilter = false", lora), false)
         .unwrap()
-        .run(false)
+        .run(ProgressMode::Quiet)
         .unwrap();
     let interrupted = dir.path().join("lora-interrupted");
     Trainer::prepare(
@@ -204,7 +204,7 @@ fn grpo_dr_grpo_and_lora_runs_update_and_lora_runs_resume() {
         false,
     )
     .unwrap()
-    .run(false)
+    .run(ProgressMode::Quiet)
     .unwrap();
     assert!(interrupted.join("checkpoints/step-000002/adapter_model.safetensors").is_file());
     Trainer::prepare(
@@ -212,7 +212,7 @@ fn grpo_dr_grpo_and_lora_runs_update_and_lora_runs_resume() {
         true,
     )
     .unwrap()
-    .run(false)
+    .run(ProgressMode::Quiet)
     .unwrap();
     let read = |run: &Path| std::fs::read(run.join("final/model.safetensors")).unwrap();
     assert!(read(&straight) == read(&interrupted), "a resumed LoRA run ends with the same merged weights");
