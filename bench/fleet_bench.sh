@@ -13,7 +13,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BENCH=.bench/fleet
-FLEET=./target/release/tandem-fleet
 DEVICES=${BENCH_FLEET_DEVICES:-1000}
 BATCH=${BENCH_FLEET_BATCH:-20}
 MAX_SECONDS=${BENCH_FLEET_MAX_SECONDS:-5}
@@ -21,24 +20,7 @@ RATE=${BENCH_FLEET_RATE:-25000}
 SUSTAINED_SECONDS=${BENCH_FLEET_SECONDS:-30}
 MOSQUITTO=/usr/sbin/mosquitto
 [ -x "$MOSQUITTO" ] || { echo "fleet_bench: mosquitto is missing (scripts/test-deps.sh installs it)" >&2; exit 1; }
-mkdir -p "$BENCH"
-rm -rf "${BENCH:?}"/run
-RUN="$BENCH/run"
-mkdir -p "$RUN"
-
-# scripts/bench.sh builds the release binaries first and says so (BENCH_BUILT=1); run alone, or
-# when that build did not include tandem-fleet, this builds it.
-if [ -z "${BENCH_BUILT:-}" ] || [ ! -x "$FLEET" ]; then
-    cargo build --release -p tandem-fleet
-fi
-
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-PIDS=()
-cleanup() { for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done; }
-trap cleanup EXIT
-
-MQTT_PORT=$(free_port)
-API_PORT=$(free_port)
+. bench/fleet_common.sh
 cat > "$RUN/mosquitto.conf" <<CONF
 listener $MQTT_PORT 127.0.0.1
 persistence false

@@ -15,7 +15,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BENCH=.bench/rollout
-FLEET=./target/release/tandem-fleet
 DEVICES=${BENCH_ROLLOUT_DEVICES:-1000}
 RATE=${BENCH_ROLLOUT_RATE:-1000}
 BATCH=${BENCH_ROLLOUT_BATCH:-5}
@@ -24,24 +23,7 @@ SOAK=${BENCH_ROLLOUT_SOAK:-5}
 CONCURRENCY=${BENCH_ROLLOUT_CONCURRENCY:-32}
 EVALUATE_MS=${BENCH_ROLLOUT_EVALUATE_MS:-1000}
 DOWNLOAD=${BENCH_ROLLOUT_DOWNLOAD:-1}
-mkdir -p "$BENCH"
-rm -rf "${BENCH:?}"/run
-RUN="$BENCH/run"
-mkdir -p "$RUN"
-
-# scripts/bench.sh builds the release binaries first and says so (BENCH_BUILT=1); run alone, or
-# when that build did not include tandem-fleet, this builds it.
-if [ -z "${BENCH_BUILT:-}" ] || [ ! -x "$FLEET" ]; then
-    cargo build --release -p tandem-fleet
-fi
-
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-PIDS=()
-cleanup() { for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done; }
-trap cleanup EXIT
-
-MQTT_PORT=$(free_port)
-API_PORT=$(free_port)
+. bench/fleet_common.sh
 API="http://127.0.0.1:$API_PORT"
 cat > "$RUN/fleet.toml" <<CONF
 [store]
