@@ -271,6 +271,14 @@ impl DaemonConfig {
         {
             problem("updater.poll_token", format!("{error}; the fleet would refuse the polls"));
         }
+        if let Some(path) = &updater.ca_file
+            && let Err(error) = crate::offload::read_ca_file(path)
+        {
+            problem(
+                "updater.ca_file",
+                format!("{error}; polls and bundle downloads could not trust the fleet"),
+            );
+        }
         if updater.probe_prompt.trim().is_empty() {
             problem(
                 "updater.probe_prompt",
@@ -355,6 +363,17 @@ mod tests {
         config.updater.poll_url = Some("https://fleet:8443".into());
         config.updater.probation.probes_to_commit = 1;
         config.validate().unwrap();
+    }
+
+    #[test]
+    fn an_updater_ca_file_must_hold_a_pem_certificate() {
+        let (dir, mut config) = runnable();
+        let ca = dir.path().join("fleet-ca.pem");
+        config.updater.ca_file = Some(ca.clone());
+        let text = config.validate().unwrap_err().to_string();
+        assert!(text.contains("updater.ca_file") && text.contains(&ca.display().to_string()), "{text}");
+        std::fs::write(&ca, "not a certificate\n").unwrap();
+        assert!(config.validate().unwrap_err().to_string().contains("no usable PEM certificate"));
     }
 
     #[test]

@@ -60,13 +60,43 @@ pub(crate) fn http_client(
         .build()
 }
 
-/// Reads a PEM bundle of CA certificates.
-pub(crate) fn read_ca_file(path: &std::path::Path) -> Result<Vec<reqwest::Certificate>, HttpsSetupError> {
-    let pem = std::fs::read(path).map_err(|source| HttpsSetupError::CaFile { path: path.into(), source })?;
+/// Why a file of CA certificates could not be used (the caller names the setting).
+#[derive(Debug, thiserror::Error)]
+pub enum CaFileError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The file holds no usable PEM certificate.
+    #[error("{path} holds no usable PEM certificate: {reason}")]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+}
+
+impl From<CaFileError> for HttpsSetupError {
+    fn from(error: CaFileError) -> Self {
+        match error {
+            CaFileError::Read { path, source } => Self::CaFile { path, source },
+            CaFileError::Invalid { path, reason } => Self::InvalidCa { path, reason },
+        }
+    }
+}
+
+/// Reads a PEM bundle of CA certificates (at least one), to trust on top of the system roots.
+pub fn read_ca_file(path: &std::path::Path) -> Result<Vec<reqwest::Certificate>, CaFileError> {
+    let pem = std::fs::read(path).map_err(|source| CaFileError::Read { path: path.into(), source })?;
     let certs = reqwest::Certificate::from_pem_bundle(&pem)
-        .map_err(|e| HttpsSetupError::InvalidCa { path: path.into(), reason: error_chain(&e) })?;
+        .map_err(|e| CaFileError::Invalid { path: path.into(), reason: error_chain(&e) })?;
     if certs.is_empty() {
-        return Err(HttpsSetupError::InvalidCa { path: path.into(), reason: "no certificate found".into() });
+        return Err(CaFileError::Invalid { path: path.into(), reason: "no certificate found".into() });
     }
     Ok(certs)
 }

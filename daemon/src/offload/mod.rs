@@ -17,7 +17,7 @@ use tandem_core::protocol::{OffloadRequest, Transport};
 pub use circuit_breaker::{Admission, CircuitBreaker};
 pub use client::CloudClient;
 pub use config::{CircuitBreakerConfig, HttpsCloudConfig, OffloadConfig, SecretSource};
-pub use https::{HttpsOffload, HttpsSetupError, completions_url};
+pub use https::{CaFileError, HttpsOffload, HttpsSetupError, completions_url, read_ca_file};
 pub(crate) use https::{error_chain, http_client};
 pub use mqtt::MqttOffload;
 pub use secret::{Secret, SecretError, read_secret, read_secret_with};

@@ -14,7 +14,9 @@ use crate::bundle_trust::{check_before_loading, load_trusted_keys};
 use crate::chat::ChatBackend;
 use crate::config::DaemonConfig;
 use crate::mqtt::MqttLink;
-use crate::offload::{CloudAnswer, CloudClient, HttpsOffload, MqttOffload, OffloadError, OffloadTransport};
+use crate::offload::{
+    CloudAnswer, CloudClient, HttpsOffload, MqttOffload, OffloadError, OffloadTransport, read_ca_file,
+};
 use crate::router::{BudgetStore, CloudOffload, EventSink, LiveModel, Router, RouterSettings, ServingModel};
 use crate::telemetry::{
     HttpsTelemetryPublisher, MqttTelemetryPublisher, TelemetryHandle, TelemetryPublisher, TelemetryShipper,
@@ -188,11 +190,19 @@ fn start_updater(
     let credentials =
         fleet_link::fleet_credentials(&config.device_id, config.mqtt.as_ref(), updater.poll_token.as_ref())
             .map_err(BuildBackendError::new)?;
+    // A private CA the fleet's HTTPS certificate chains to, for polls and downloads alike.
+    let extra_ca = match &updater.ca_file {
+        Some(path) => {
+            read_ca_file(path).map_err(|e| BuildBackendError::new(format!("updater.ca_file: {e}")))?
+        }
+        None => Vec::new(),
+    };
     if let Some(url) = &updater.poll_url {
         fleet_link::follow_polls(
             url,
             &config.device_id,
             credentials.clone(),
+            &extra_ca,
             Duration::from_secs(updater.poll_interval_secs),
             assignments,
             stop.clone(),
@@ -215,6 +225,7 @@ fn start_updater(
         model,
         tracker: Arc::clone(&tracker),
         credentials,
+        extra_ca,
     }
     .spawn(received, stop);
     tracing::info!(mqtt = link.is_some() && updater.mqtt, poll_url = ?updater.poll_url, "following model assignments");

@@ -14,7 +14,7 @@ use super::probation::ProbationPolicy;
 use super::slots::{SlotView, Slots, SlotsError, StagedBundle};
 use super::stage::{Assignment, StageError, StageEvent, Staged, Updater};
 use crate::bundle_trust::{BundleTrustError, load_trusted_keys};
-use crate::offload::{SecretError, SecretSource, read_secret};
+use crate::offload::{CaFileError, SecretError, SecretSource, read_ca_file, read_secret};
 
 /// Arguments of `tandemd update`.
 #[derive(Debug, Clone, clap::Args)]
@@ -53,6 +53,10 @@ pub struct UpdateArgs {
     /// File whose first line is a bearer token to send instead (the fleet's operator token).
     #[arg(long, value_name = "FILE")]
     pub token_file: Option<PathBuf>,
+    /// CA certificates (PEM) to trust on top of the system roots, for a fleet whose HTTPS
+    /// certificate comes from a private CA (the daemon's `updater.ca_file`).
+    #[arg(long, value_name = "FILE")]
+    pub ca_file: Option<PathBuf>,
 }
 
 impl UpdateArgs {
@@ -100,6 +104,9 @@ pub enum UpdateError {
     /// `--password-file` or `--token-file` could not be read.
     #[error("the fleet credentials: {0}")]
     Credentials(#[from] SecretError),
+    /// `--ca-file` could not be read.
+    #[error("--ca-file: {0}")]
+    CaFile(#[from] CaFileError),
 }
 
 /// Runs `tandemd update`; `on_event` hears about progress.
@@ -120,6 +127,7 @@ pub async fn run_update(
     let options = DownloadOptions {
         bandwidth_limit: args.limit_rate,
         credentials: args.credentials()?,
+        extra_ca: args.ca_file.as_deref().map(read_ca_file).transpose()?.unwrap_or_default(),
         ..DownloadOptions::default()
     };
     let mut updater = Updater::new(slots, options)?;

@@ -2,6 +2,7 @@
 //! serving, where it learns them, how it downloads, probes and puts a new model on probation.
 
 use std::num::NonZeroU64;
+use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
@@ -36,6 +37,11 @@ pub struct UpdaterConfig {
     /// password, which a fleet with a devices file requires.
     #[serde(default)]
     pub poll_token: Option<SecretSource>,
+    /// CA certificates (PEM) trusted, on top of the system roots, for the fleet's HTTPS: assignment
+    /// polls of `poll_url` and bundle downloads. Set it when the fleet serves `[api.tls]` with a
+    /// certificate from a private CA. Unset: the system roots only.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
     /// Largest download rate of bundle files, bytes per second; unset: unlimited.
     #[serde(default)]
     pub bandwidth_limit: Option<NonZeroU64>,
@@ -67,6 +73,7 @@ impl Default for UpdaterConfig {
             poll_url: None,
             poll_interval_secs: default_poll_interval_secs(),
             poll_token: None,
+            ca_file: None,
             bandwidth_limit: None,
             probe_prompt: default_probe_prompt(),
             probe_max_tokens: default_probe_max_tokens(),

@@ -16,6 +16,7 @@ use tokio::io::AsyncWriteExt;
 
 use super::bandwidth::BandwidthLimit;
 use super::fleet_link::FleetCredentials;
+use crate::offload::http_client;
 
 /// Suffix of a file being downloaded; a manifest may not list a name ending with it.
 pub const PART_SUFFIX: &str = ".part";
@@ -153,13 +154,7 @@ pub struct Downloader {
 impl Downloader {
     /// A downloader with `options`.
     pub fn new(options: DownloadOptions) -> Result<Self, DownloadError> {
-        // Err means a provider is already installed, which is what we need.
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let client = reqwest::Client::builder()
-            .connect_timeout(options.connect_timeout)
-            .tls_certs_merge(options.extra_ca.iter().cloned())
-            .user_agent(concat!("tandemd/", env!("CARGO_PKG_VERSION")))
-            .build()
+        let client = http_client(options.connect_timeout, &options.extra_ca)
             .map_err(|e| DownloadError::Client(error_chain(&e)))?;
         let limit = options.bandwidth_limit.map(BandwidthLimit::new);
         Ok(Self { client, options, limit })

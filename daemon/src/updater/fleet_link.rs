@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::report::UpdateTracker;
 use crate::mqtt::{InboundMessage, MqttConfig, MqttLink, MqttLinkError, read_password};
-use crate::offload::{Secret, SecretError, SecretSource, read_secret};
+use crate::offload::{Secret, SecretError, SecretSource, http_client, read_secret};
 
 /// How the device proves who it is to the fleet's HTTP API (assignment polls, bundle downloads).
 #[derive(Clone, PartialEq, Eq)]
@@ -85,6 +85,10 @@ pub fn fleet_credentials(
 
 /// Assignments waiting for the updater; a newer one supersedes older ones anyway.
 pub const ASSIGNMENT_QUEUE: usize = 8;
+/// Limit on connecting to the fleet for a poll.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Limit on a whole poll.
+const POLL_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Why polling could not be set up.
 #[derive(Debug, thiserror::Error)]
@@ -134,21 +138,18 @@ async fn forward(message: &InboundMessage, assignments: &mpsc::Sender<ModelAssig
 }
 
 /// Reads `GET {poll_url}/v1/devices/{device_id}/assignment` every `interval` (at once first) and
-/// forwards what it returns; 404 and 204 mean nothing is assigned.
+/// forwards what it returns; 404 and 204 mean nothing is assigned. Over HTTPS the fleet's
+/// certificate must chain to the system roots or to `extra_ca` (`updater.ca_file`).
 pub fn follow_polls(
     poll_url: &str,
     device_id: &str,
     credentials: Option<FleetCredentials>,
+    extra_ca: &[reqwest::Certificate],
     interval: Duration,
     assignments: mpsc::Sender<ModelAssignment>,
     stop: CancellationToken,
 ) -> Result<(), PollSetupError> {
-    let _already_installed = rustls::crypto::ring::default_provider().install_default();
-    let client = reqwest::Client::builder()
-        .timeout(Duration::from_secs(30))
-        .connect_timeout(Duration::from_secs(10))
-        .build()
-        .map_err(PollSetupError)?;
+    let client = http_client(CONNECT_TIMEOUT, extra_ca).map_err(PollSetupError)?;
     let url = assignment_url(poll_url, device_id);
     tokio::spawn(async move {
         let mut ticks = tokio::time::interval(interval.max(Duration::from_secs(1)));
@@ -190,7 +191,7 @@ async fn poll_once(
     url: &str,
     credentials: Option<&FleetCredentials>,
 ) -> Result<Option<ModelAssignment>, String> {
-    let mut request = client.get(url);
+    let mut request = client.get(url).timeout(POLL_TIMEOUT);
     if let Some(credentials) = credentials {
         request = credentials.apply(request);
     }

@@ -49,6 +49,8 @@ pub struct LiveUpdater {
     pub tracker: Arc<UpdateTracker>,
     /// Sent with bundle downloads (the fleet serves bundles only to its devices).
     pub credentials: Option<FleetCredentials>,
+    /// CA certificates trusted for downloads on top of the system roots (`updater.ca_file`).
+    pub extra_ca: Vec<reqwest::Certificate>,
 }
 
 /// Why an assignment did not end with the new model serving.
@@ -139,6 +141,7 @@ impl Task {
         let options = DownloadOptions {
             bandwidth_limit: self.parts.config.bandwidth_limit,
             credentials: self.parts.credentials.clone(),
+            extra_ca: self.parts.extra_ca.clone(),
             ..DownloadOptions::default()
         };
         match Updater::new(slots, options) {
