@@ -7,7 +7,7 @@
 //! Parts, each in its folder: `config` (plain data), `store` (the database), `ingest` (validate,
 //! batch, write, then acknowledge), `broker` (the embedded MQTT broker), `external` (the client of
 //! an external broker), `gateway` (offload), `registry` (signed bundles), `rollout` (staged
-//! rollouts), `scheduler` (retraining jobs), `api` (HTTP + dashboard), `loadgen` (simulated devices), `serve` (wiring it all
+//! rollouts), `scheduler` (retraining jobs), `api` (HTTP(S) + dashboard), `tls` (server TLS for the broker and the API), `loadgen` (simulated devices), `serve` (wiring it all
 //! together).
 
 pub mod api;
@@ -26,3 +26,4 @@ pub mod rollout;
 pub mod scheduler;
 pub mod serve;
 pub mod store;
+pub mod tls;

@@ -235,7 +235,17 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 let devices = tandem_fleet::devices_file::Devices::load(path)?;
                 println!("devices file: {} ({} devices)", path.display(), devices.groups().len());
             }
-            println!("api: {}", config.api.listen);
+            match &config.api.tls {
+                Some(tls) => {
+                    // The files are read only here and at start, not by `validate` (plain data).
+                    if let Err(error) = tandem_fleet::api::tls::acceptor(tls) {
+                        eprintln!("error: api.tls: {error}");
+                        return Err(InvalidConfig.into());
+                    }
+                    println!("api: https://{} (certificate {})", config.api.listen, tls.cert_file.display());
+                }
+                None => println!("api: http://{}", config.api.listen),
+            }
             println!("gateway: {} upstream endpoint(s)", config.gateway.upstream.len());
         }
         Command::PrintConfig(args) => {

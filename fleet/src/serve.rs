@@ -49,6 +49,8 @@ pub enum ServeError {
     Token(#[from] tandemd::offload::SecretError),
     #[error("cannot listen on {address} (api.listen): {source}")]
     Api { address: SocketAddr, source: std::io::Error },
+    #[error("api.tls: {0}")]
+    ApiTls(#[source] crate::tls::TlsError),
 }
 
 /// A running fleet.
@@ -194,6 +196,8 @@ pub async fn start(config: FleetConfig) -> Result<RunningFleet, ServeError> {
         tasks.push(tokio::spawn(retention(store.clone(), config.retention.clone(), shutdown.clone())));
     }
 
+    let tls = config.api.tls.as_ref().map(api::tls::acceptor).transpose().map_err(ServeError::ApiTls)?;
+    let scheme = if tls.is_some() { "https" } else { "http" };
     let address = config.api.listen;
     let listener = api::bind(address).await.map_err(|source| ServeError::Api { address, source })?;
     let api_address = listener.local_addr().map_err(|source| ServeError::Api { address, source })?;
@@ -205,11 +209,11 @@ pub async fn start(config: FleetConfig) -> Result<RunningFleet, ServeError> {
                 if api_address.ip().is_unspecified() || api_address.ip().is_loopback() {
                     tracing::warn!(
                         %api_address,
-                        "registry.public_url is not set: assignments point devices at http://{api_address}, \
+                        "registry.public_url is not set: assignments point devices at {scheme}://{api_address}, \
                          which they cannot reach unless they run on this host; set registry.public_url"
                     );
                 }
-                format!("http://{api_address}")
+                format!("{scheme}://{api_address}")
             }
         };
         let rollouts = Arc::new(Rollouts::new(store.clone(), link, &public_url, metrics.clone()));
@@ -234,11 +238,11 @@ pub async fn start(config: FleetConfig) -> Result<RunningFleet, ServeError> {
     }
     let api_shutdown = shutdown.clone();
     tasks.push(tokio::spawn(async move {
-        if let Err(error) = api::serve(listener, api_state, api_shutdown).await {
+        if let Err(error) = api::serve(listener, tls, api_state, api_shutdown).await {
             tracing::error!(%error, "the API stopped");
         }
     }));
-    tracing::info!(api = %api_address, "operator API listening");
+    tracing::info!(api = %format!("{scheme}://{api_address}"), "operator API listening");
     Ok(RunningFleet { api_address, mqtt_address, mqtts_address, shutdown, tasks, store })
 }
 

@@ -1,8 +1,13 @@
 //! The command line: `check-config` and `print-config` like tandemd's, `hash-password` and
-//! `mosquitto-acl`, with the exit codes operators script against (2: fix your input).
+//! `mosquitto-acl`, with the exit codes operators script against (2: fix your input), including
+//! an `[api.tls]` certificate that cannot be loaded.
 
 use std::io::Write;
 use std::process::{Command, Output, Stdio};
+
+mod support;
+
+use support::bundle;
 
 fn fleet(args: &[&str], stdin: &str) -> Output {
     let mut child = Command::new(env!("CARGO_BIN_EXE_tandem-fleet"))
@@ -43,6 +48,36 @@ fn check_config_accepts_a_valid_file_and_names_every_problem_of_a_bad_one() {
     assert_eq!(output.status.code(), Some(2));
     let errors = text(&output.stderr);
     assert!(errors.contains("[mqtt.external]") && errors.contains("fleet_budget"), "{errors}");
+}
+
+#[test]
+fn check_config_loads_the_apis_certificate_and_names_a_missing_or_mismatched_file() {
+    let pki = support::pki::TestPki::generate();
+    let dir = tempfile::tempdir().unwrap();
+    let check = |cert: &std::path::Path, key: &std::path::Path| {
+        let config = dir.path().join("fleet.toml");
+        let tls = format!(
+            "[api.tls]\ncert_file = {:?}\nkey_file = {:?}\n",
+            cert.to_str().unwrap(),
+            key.to_str().unwrap()
+        );
+        std::fs::write(&config, format!("[mqtt.embedded]\nallow_anonymous = true\n{tls}")).unwrap();
+        fleet(&["check-config", "--config", config.to_str().unwrap()], "")
+    };
+    let output = check(&pki.server_cert, &pki.server_key);
+    assert!(output.status.success(), "{}", text(&output.stderr));
+    assert!(text(&output.stdout).contains("api: https://127.0.0.1:8780"), "{}", text(&output.stdout));
+
+    let missing = dir.path().join("missing.pem");
+    let output = check(&missing, &pki.server_key);
+    assert_eq!(output.status.code(), Some(2));
+    let error = text(&output.stderr);
+    assert!(error.contains("api.tls.cert_file") && error.contains(missing.to_str().unwrap()), "{error}");
+
+    let output = check(&pki.server_cert, &pki.client_key);
+    assert_eq!(output.status.code(), Some(2));
+    let error = text(&output.stderr);
+    assert!(error.contains("api.tls.key_file") && error.contains("client.key"), "{error}");
 }
 
 #[test]
@@ -164,9 +199,6 @@ fn check_config_with_a_missing_devices_file_exits_2_and_says_so_once() {
     assert!(errors.contains("devices.toml"), "{errors}");
     assert_eq!(errors.matches("No such file").count(), 1, "{errors}");
 }
-
-#[path = "support/bundle.rs"]
-mod bundle;
 
 #[test]
 fn registry_add_registers_a_signed_bundle_and_refuses_a_tampered_one() {

@@ -1,7 +1,9 @@
 //! The model registry through the API: signed bundles are verified, stored and recorded; tampered,
 //! unsigned and foreign bundles are refused; a registered version never changes; devices download
 //! files with their own credentials, resuming with range requests; a device reads only its own
-//! assignment. The same against a real S3-compatible server (moto, on loopback): a bundle
+//! assignment. The same over HTTPS (`[api.tls]`, a test CA): the daemon's downloader trusting the CA
+//! resumes a download, `tandemd update --ca-file` stages a bundle, a client that does not trust it
+//! is refused, and plain HTTP to the HTTPS port fails while the port keeps serving. The same against a real S3-compatible server (moto, on loopback): a bundle
 //! registered into the bucket is downloaded whole, by ranges and resumed, and an object altered in
 //! the bucket is refused.
 
@@ -17,14 +19,16 @@ use object_store::path::Path as ObjectPath;
 use object_store::{ObjectStoreExt, PutPayload};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
-use tandem_fleet::config::{FleetConfig, RegistryConfig, S3StoreConfig};
+use tandem_fleet::config::{ApiTlsConfig, FleetConfig, RegistryConfig, S3StoreConfig};
 use tandem_fleet::devices_file::hash_password;
 use tandemd::offload::{Secret, SecretSource};
+use tandemd::updater::command::{UpdateArgs, UpdateOutcome, run_update};
 use tandemd::updater::download::{DownloadOptions, Downloader};
 use tandemd::updater::fleet_link::FleetCredentials;
 
 use support::bundle::{key, public_key, write_bundle};
 use support::fleet::{TestFleet, http};
+use support::pki::TestPki;
 
 const TOKEN: &str = "operator-token-123";
 const DEVICE: &str = "robot-1";
@@ -46,20 +50,21 @@ fn secure(config: &mut FleetConfig, dir: &Path) {
 }
 
 async fn fleet_with_registry() -> TestFleet {
-    TestFleet::start(|config, dir| {
-        secure(config, dir);
-        config.registry = Some(RegistryConfig {
-            dir: dir.join("registry"),
-            trusted_keys: vec![public_key(dir, &key(1))],
-            public_url: None,
-        });
-    })
-    .await
+    TestFleet::start(with_registry).await
+}
+
+fn with_registry(config: &mut FleetConfig, dir: &Path) {
+    secure(config, dir);
+    config.registry = Some(RegistryConfig {
+        dir: dir.join("registry"),
+        trusted_keys: vec![public_key(dir, &key(1))],
+        public_url: None,
+    });
 }
 
 /// GET `path` of the fleet as device `DEVICE`, with `range` when given.
 async fn device_get(fleet: &TestFleet, path: &str, range: Option<&str>) -> reqwest::Response {
-    let mut request = http().get(fleet.api_url(path)).basic_auth(DEVICE, Some(PASSWORD));
+    let mut request = fleet.client().get(fleet.api_url(path)).basic_auth(DEVICE, Some(PASSWORD));
     if let Some(range) = range {
         request = request.header("range", range);
     }
@@ -67,7 +72,8 @@ async fn device_get(fleet: &TestFleet, path: &str, range: Option<&str>) -> reqwe
 }
 
 async fn register(fleet: &TestFleet, bundle: &std::path::Path) -> (StatusCode, Value) {
-    let response = http()
+    let response = fleet
+        .client()
         .post(fleet.api_url("/v1/models"))
         .bearer_auth(TOKEN)
         .json(&json!({ "path": bundle }))
@@ -167,6 +173,107 @@ async fn devices_download_files_with_their_credentials_and_resume_with_ranges() 
     assert_eq!(listing.status(), StatusCode::UNAUTHORIZED, "the operator routes still need the token");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_https_devices_trusting_the_ca_download_by_ranges_and_resume_and_other_clients_are_refused() {
+    let pki = TestPki::generate();
+    let fleet = https_fleet_with_registry(&pki).await;
+    let file = fleet.api_url("/v1/registry/tiny/1/model.onnx");
+    assert!(file.starts_with("https://127.0.0.1:"), "{file}");
+    let graph: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+    let bundle = write_bundle(fleet.dir.path(), "tiny", "1", &graph, Some(&key(1)));
+    assert_eq!(register(&fleet, &bundle).await.0, StatusCode::CREATED);
+    downloads_whole_by_ranges_and_resumed(&fleet, &bundle, &graph).await;
+
+    // Trusting only the system roots: the handshake fails, for a plain client and the downloader.
+    let error = http().get(&file).basic_auth(DEVICE, Some(PASSWORD)).send().await.unwrap_err();
+    assert!(format!("{error:?}").contains("UnknownIssuer"), "{error:?}");
+    let options = DownloadOptions { max_retries: 0, ..DownloadOptions::default() };
+    let dest = tempfile::tempdir().unwrap();
+    let refused = Downloader::new(options)
+        .unwrap()
+        .fetch_file(
+            &reqwest::Url::parse(&file).unwrap(),
+            &dest.path().join("model.onnx"),
+            &tandem_core::bundle::FileDigest::of_bytes(&graph),
+            &|_| {},
+        )
+        .await
+        .unwrap_err();
+    assert!(refused.to_string().contains("certificate"), "{refused}");
+    assert!(!dest.path().join("model.onnx").exists());
+
+    // Plain HTTP to the HTTPS port fails, and the port keeps serving HTTPS afterwards.
+    for _ in 0..3 {
+        let plain = http().get(format!("http://{}/v1/registry/tiny/1/model.onnx", fleet.api)).send().await;
+        assert!(plain.is_err(), "plain HTTP got an answer: {:?}", plain.map(|r| r.status()));
+        let garbage = async {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let mut stream = tokio::net::TcpStream::connect(fleet.api).await.unwrap();
+            stream.write_all(b"\x16\x03\x01\x00\x05hello").await.unwrap();
+            let mut sink = Vec::new();
+            let _ = stream.read_to_end(&mut sink).await;
+        };
+        tokio::time::timeout(Duration::from_secs(15), garbage).await.expect("a broken handshake is dropped");
+    }
+    let healthy = fleet.client().get(fleet.api_url("/healthz")).send().await.expect("still serving");
+    assert_eq!(healthy.status(), StatusCode::OK);
+    let served = device_get(&fleet, "/v1/registry/tiny/1/model.onnx", Some("bytes=0-9")).await;
+    assert_eq!(served.status(), StatusCode::PARTIAL_CONTENT);
+    assert_eq!(served.bytes().await.unwrap().as_ref(), &graph[..10]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tandemd_update_with_a_ca_file_stages_a_bundle_from_the_https_registry() {
+    let pki = TestPki::generate();
+    let fleet = https_fleet_with_registry(&pki).await;
+    let bundle = write_bundle(fleet.dir.path(), "tiny", "1", b"graph-one", Some(&key(1)));
+    assert_eq!(register(&fleet, &bundle).await.0, StatusCode::CREATED);
+    let password = fleet.dir.path().join("device-password");
+    std::fs::write(&password, format!("{PASSWORD}\n")).unwrap();
+    let (state, trusted) = (tempfile::tempdir().unwrap(), public_key(fleet.dir.path(), &key(1)));
+    let update = |ca_file: &Path| {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            update: UpdateArgs,
+        }
+        let from = fleet.api_url("/v1/registry/tiny/1/");
+        let args = [
+            "tandemd-update",
+            "--from",
+            &from,
+            "--state-dir",
+            state.path().to_str().unwrap(),
+            "--trusted-key",
+            trusted.to_str().unwrap(),
+            "--stage-only",
+            "--device-id",
+            DEVICE,
+            "--password-file",
+            password.to_str().unwrap(),
+            "--ca-file",
+            ca_file.to_str().unwrap(),
+        ];
+        <Cli as clap::Parser>::parse_from(args).update
+    };
+
+    let missing = run_update(&update(Path::new("/nonexistent/ca.pem")), &|_| {}).await.unwrap_err();
+    assert!(missing.to_string().starts_with("--ca-file: cannot read /nonexistent/ca.pem"), "{missing}");
+    let outcome = run_update(&update(&pki.ca), &|_| {}).await.expect("staged over HTTPS");
+    let UpdateOutcome::Staged(staged) = outcome else { panic!("{outcome:?}") };
+    assert_eq!(staged.bundle().version, "1");
+}
+
+async fn https_fleet_with_registry(pki: &TestPki) -> TestFleet {
+    TestFleet::start(|config, dir| {
+        with_registry(config, dir);
+        config.api.tls =
+            Some(ApiTlsConfig { cert_file: pki.server_cert.clone(), key_file: pki.server_key.clone() });
+    })
+    .await
+    .trusting(&pki.ca)
+}
+
 /// Downloads `model.onnx` (`graph`) and the manifest of `tiny` 1 as `DEVICE`: whole, by ranges, an
 /// interrupted download resumed, and with the daemon's downloader resuming a `.part` file.
 async fn downloads_whole_by_ranges_and_resumed(fleet: &TestFleet, bundle: &Path, graph: &[u8]) {
@@ -210,6 +317,7 @@ async fn downloads_whole_by_ranges_and_resumed(fleet: &TestFleet, bundle: &Path,
     let options = DownloadOptions {
         credentials: Some(FleetCredentials::Device { id: DEVICE.into(), password: Secret::new(PASSWORD) }),
         max_retries: 0,
+        extra_ca: fleet.extra_ca.clone(),
         ..DownloadOptions::default()
     };
     let url = reqwest::Url::parse(&fleet.api_url(path)).unwrap();

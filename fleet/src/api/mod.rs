@@ -2,7 +2,8 @@
 //! registry, rollouts and retraining jobs under `/v1/` (bearer token), plus `/healthz`, `/metrics` (Prometheus),
 //! `/openapi.json` and the dashboard. Devices use two `/v1/` routes with their own credentials
 //! instead of the operator's token: bundle downloads and their own assignment (see
-//! `routes::DEVICE_PATHS` and `device_auth`).
+//! `routes::DEVICE_PATHS` and `device_auth`). Served over plain HTTP, or HTTPS with `[api.tls]` (see
+//! `tls`).
 
 mod dashboard;
 mod device_auth;
@@ -13,6 +14,7 @@ mod openapi;
 mod query;
 mod rollouts;
 mod routes;
+pub mod tls;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -24,6 +26,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use tandemd::offload::Secret;
 use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 pub use openapi::OPENAPI_JSON;
@@ -111,13 +114,21 @@ pub fn router(state: ApiState) -> Router {
     routes::open().merge(v1).with_state(state)
 }
 
-/// Serves the API on `listener` until `shutdown`.
+/// Serves the API on `listener` until `shutdown`: over HTTPS with `tls`, else plain HTTP.
+/// Requests already running finish after `shutdown`.
 pub async fn serve(
     listener: TcpListener,
+    tls: Option<TlsAcceptor>,
     state: ApiState,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(state)).with_graceful_shutdown(shutdown.cancelled_owned()).await
+    let (app, stop) = (router(state), shutdown.cancelled_owned());
+    match tls {
+        None => axum::serve(listener, app).with_graceful_shutdown(stop).await,
+        Some(acceptor) => {
+            axum::serve(tls::TlsListener::new(listener, acceptor)?, app).with_graceful_shutdown(stop).await
+        }
+    }
 }
 
 /// Binds the API's address.

@@ -1,50 +1,20 @@
-//! TLS for the embedded broker (rustls with ring): the server certificate, and device
-//! certificates verified against the configured CA when asked for.
+//! TLS for the embedded broker (rustls with ring, see [`crate::tls`]): the server certificate, and
+//! device certificates verified against the configured CA when asked for.
 
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 use sha2::{Digest, Sha256};
 use tokio_rustls::TlsAcceptor;
 
 use crate::config::{BrokerTlsConfig, ClientAuth};
-
-/// Why TLS could not be set up.
-#[derive(Debug, thiserror::Error)]
-pub enum TlsError {
-    #[error("cannot read {what} {path}: {reason}")]
-    Pem { what: &'static str, path: PathBuf, reason: String },
-    #[error("{0}")]
-    Rustls(String),
-}
-
-fn certificates(what: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
-    let pem = |reason: String| TlsError::Pem { what, path: path.into(), reason };
-    let certs = CertificateDer::pem_file_iter(path)
-        .map_err(|e| pem(e.to_string()))?
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| pem(e.to_string()))?;
-    if certs.is_empty() {
-        return Err(pem("no certificate in it".into()));
-    }
-    Ok(certs)
-}
+pub use crate::tls::TlsError;
+use crate::tls::{certificates, provider, server_builder, with_certificate};
 
 /// The acceptor for `config`.
 pub fn acceptor(config: &BrokerTlsConfig) -> Result<TlsAcceptor, TlsError> {
-    let chain = certificates("mqtt.embedded.tls.cert_file", &config.cert_file)?;
-    let key = PrivateKeyDer::from_pem_file(&config.key_file).map_err(|e| TlsError::Pem {
-        what: "mqtt.embedded.tls.key_file",
-        path: config.key_file.clone(),
-        reason: e.to_string(),
-    })?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| TlsError::Rustls(e.to_string()))?;
+    let provider = provider();
+    let builder = server_builder(provider.clone())?;
     let builder = match (&config.client_ca_file, config.client_auth) {
         (_, ClientAuth::None) | (None, _) => builder.with_no_client_auth(),
         (Some(ca), auth) => {
@@ -58,7 +28,12 @@ pub fn acceptor(config: &BrokerTlsConfig) -> Result<TlsAcceptor, TlsError> {
             builder.with_client_cert_verifier(verifier.build().map_err(|e| TlsError::Rustls(e.to_string()))?)
         }
     };
-    let server = builder.with_single_cert(chain, key).map_err(|e| TlsError::Rustls(e.to_string()))?;
+    let server = with_certificate(
+        builder,
+        ("mqtt.embedded.tls.cert_file", "mqtt.embedded.tls.key_file"),
+        &config.cert_file,
+        &config.key_file,
+    )?;
     Ok(TlsAcceptor::from(Arc::new(server)))
 }
 

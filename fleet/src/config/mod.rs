@@ -369,7 +369,7 @@ const fn default_keep_alive_secs() -> u16 {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ApiConfig {
-    /// Address of the HTTP API and dashboard.
+    /// Address of the HTTP(S) API and dashboard.
     #[serde(default = "default_api_listen")]
     pub listen: SocketAddr,
     /// Bearer token every `/v1/` route requires (`/healthz`, `/metrics`, `/openapi.json` and the
@@ -379,12 +379,27 @@ pub struct ApiConfig {
     /// Largest page of `GET /v1/events`.
     #[serde(default = "default_max_page")]
     pub max_page: u32,
+    /// Serve the API (operator routes, dashboard, registry downloads, device assignments) over
+    /// HTTPS on `listen` instead of plain HTTP. Unset: plain HTTP.
+    #[serde(default)]
+    pub tls: Option<ApiTlsConfig>,
 }
 
 impl Default for ApiConfig {
     fn default() -> Self {
-        Self { listen: default_api_listen(), token: None, max_page: default_max_page() }
+        Self { listen: default_api_listen(), token: None, max_page: default_max_page(), tls: None }
     }
+}
+
+/// HTTPS for the API: rustls (ring) with TLS 1.2 and 1.3, no client certificates.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiTlsConfig {
+    /// Server certificate chain (PEM, leaf first). Its names must cover the host in
+    /// `registry.public_url`, which devices connect to.
+    pub cert_file: PathBuf,
+    /// Server private key (PEM: PKCS#8, PKCS#1 or SEC1) of the leaf certificate.
+    pub key_file: PathBuf,
 }
 
 fn default_api_listen() -> SocketAddr {

@@ -18,9 +18,10 @@ pub struct RegistryConfig {
     /// Public keys (`NAME.pub` from `tandem-train keygen`) whose signatures the registry accepts;
     /// an unsigned bundle, or one signed by another key, is refused.
     pub trusted_keys: Vec<PathBuf>,
-    /// The fleet's API as devices reach it, e.g. `https://fleet.example.com` (behind a TLS
-    /// proxy); assignments point at `PUBLIC_URL/v1/registry/NAME/VERSION/`. Default:
-    /// `http://` and the address the API listens on.
+    /// The fleet's API as devices reach it, e.g. `https://fleet.example.com:8780` (with
+    /// `[api.tls]`, or behind a TLS proxy); assignments point at
+    /// `PUBLIC_URL/v1/registry/NAME/VERSION/`. Default: `http://` (`https://` with `[api.tls]`)
+    /// and the address the API listens on.
     #[serde(default)]
     pub public_url: Option<String>,
 }

@@ -38,6 +38,13 @@ pub enum ValidationError {
     NoTrustedKeys,
     #[error("registry.public_url `{0}` is neither http://… nor https://…")]
     PublicUrl(String),
+    #[error(
+        "registry.public_url `{0}` is plain http, but [api.tls] makes the API answer HTTPS only: devices \
+         could not download bundles; use https://…"
+    )]
+    PublicUrlNotHttps(String),
+    #[error("api.tls.{0} is empty: set the PEM file's path")]
+    ApiTlsPath(&'static str),
     #[error("registry: {0}")]
     RegistryStore(String),
     #[error("rollouts.evaluate_interval_ms must be at least 10")]
@@ -107,6 +114,13 @@ impl FleetConfig {
                 }
             }
         }
+        if let Some(tls) = &self.api.tls {
+            for (key, path) in [("cert_file", &tls.cert_file), ("key_file", &tls.key_file)] {
+                if path.as_os_str().is_empty() {
+                    errors.push(ValidationError::ApiTlsPath(key));
+                }
+            }
+        }
         let gateway = &self.gateway;
         for (field, policy) in
             [("device_budget", &gateway.device_budget), ("fleet_budget", &gateway.fleet_budget)]
@@ -137,6 +151,12 @@ impl FleetConfig {
                 && !(url.starts_with("http://") || url.starts_with("https://"))
             {
                 errors.push(ValidationError::PublicUrl(url.clone()));
+            }
+            if let Some(url) = &registry.public_url
+                && self.api.tls.is_some()
+                && url.starts_with("http://")
+            {
+                errors.push(ValidationError::PublicUrlNotHttps(url.clone()));
             }
             errors.extend(
                 registry_store_problems(registry, self.registry_s3.as_ref())
@@ -263,6 +283,25 @@ mod tests {
             config.validate().unwrap_err(),
             vec![ValidationError::NoTrustedKeys, ValidationError::PublicUrl("ftp://x".into())]
         );
+    }
+
+    #[test]
+    fn an_https_api_needs_both_pem_paths_and_an_https_public_url() {
+        let base =
+            "[mqtt.embedded]\nallow_anonymous = true\n[registry]\ndir = \"/r\"\ntrusted_keys = [\"k.pub\"]\n";
+        let config = |extra: &str| parse_config(&format!("{base}{extra}")).unwrap();
+        let tls = "[api.tls]\ncert_file = \"/c.pem\"\nkey_file = \"/k.pem\"\n";
+        assert_eq!(config(tls).validate(), Ok(()));
+        assert_eq!(config(&format!("public_url = \"https://fleet:8780\"\n{tls}")).validate(), Ok(()));
+        assert_eq!(
+            config(&format!("public_url = \"http://fleet:8780\"\n{tls}")).validate().unwrap_err(),
+            vec![ValidationError::PublicUrlNotHttps("http://fleet:8780".into())]
+        );
+        assert_eq!(
+            config("[api.tls]\ncert_file = \"\"\nkey_file = \"/k.pem\"\n").validate().unwrap_err(),
+            vec![ValidationError::ApiTlsPath("cert_file")]
+        );
+        assert!(parse_config("[api.tls]\ncert_file = \"/c\"\nkey = \"/k\"\n").is_err(), "typos are refused");
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! A fleet running inside the test process, on loopback ports chosen by the OS, with its own
-//! temporary SQLite database unless the test sets another store.
+//! temporary SQLite database unless the test sets another store. Its API speaks HTTPS when the test
+//! sets `[api.tls]`; [`TestFleet::trusting`] then names the CA its clients trust.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -13,6 +14,8 @@ pub struct TestFleet {
     pub api: SocketAddr,
     pub mqtt: Option<SocketAddr>,
     pub mqtts: Option<SocketAddr>,
+    /// CA certificates the test's clients trust for the API's HTTPS (see [`TestFleet::trusting`]).
+    pub extra_ca: Vec<reqwest::Certificate>,
     config: FleetConfig,
 }
 
@@ -34,8 +37,25 @@ impl TestFleet {
             mqtts: fleet.mqtts_address,
             fleet: Some(fleet),
             dir,
+            extra_ca: Vec::new(),
             config,
         }
+    }
+
+    /// The same fleet, its clients trusting the CA certificates in the PEM file `ca`.
+    pub fn trusting(mut self, ca: &std::path::Path) -> Self {
+        self.extra_ca = reqwest::Certificate::from_pem_bundle(&std::fs::read(ca).unwrap()).unwrap();
+        self
+    }
+
+    /// A client for the API, trusting `extra_ca` on top of the system roots.
+    pub fn client(&self) -> reqwest::Client {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        reqwest::Client::builder()
+            .timeout(std::time::Duration::from_secs(10))
+            .tls_certs_merge(self.extra_ca.iter().cloned())
+            .build()
+            .unwrap()
     }
 
     /// Stops the fleet and starts it again with the same configuration, database and ports, as
@@ -49,7 +69,8 @@ impl TestFleet {
     }
 
     pub fn api_url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.api)
+        let scheme = if self.config.api.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}{path}", self.api)
     }
 
     pub fn db_path(&self) -> PathBuf {
@@ -64,7 +85,7 @@ impl TestFleet {
 
     /// GET `path` (with `token` as bearer when given) as JSON; panics unless 200.
     pub async fn get(&self, path: &str, token: Option<&str>) -> serde_json::Value {
-        let mut request = http().get(self.api_url(path));
+        let mut request = self.client().get(self.api_url(path));
         if let Some(token) = token {
             request = request.bearer_auth(token);
         }
@@ -78,7 +99,7 @@ impl TestFleet {
     /// The value of the Prometheus sample `name` (with its labels, e.g. `x_total{reason="y"}`), 0
     /// when absent.
     pub async fn metric(&self, sample: &str) -> f64 {
-        let text = http().get(self.api_url("/metrics")).send().await.unwrap().text().await.unwrap();
+        let text = self.client().get(self.api_url("/metrics")).send().await.unwrap().text().await.unwrap();
         text.lines()
             .find_map(|line| line.strip_prefix(sample).and_then(|rest| rest.trim().parse().ok()))
             .unwrap_or(0.0)
