@@ -2,10 +2,11 @@
 //! unsigned and foreign bundles are refused; a registered version never changes; devices download
 //! files with their own credentials, resuming with range requests; a device reads only its own
 //! assignment. The same over HTTPS (`[api.tls]`, a test CA): the daemon's downloader trusting the CA
-//! resumes a download, `tandemd update --ca-file` stages a bundle, a client that does not trust it
-//! is refused, and plain HTTP to the HTTPS port fails while the port keeps serving. The same against a real S3-compatible server (moto, on loopback): a bundle
-//! registered into the bucket is downloaded whole, by ranges and resumed, and an object altered in
-//! the bucket is refused.
+//! resumes a download, `tandemd update --ca-file` stages a bundle, assignment polls trusting the CA
+//! arrive, a client that does not trust it is refused, and plain HTTP to the HTTPS port fails while
+//! the port keeps serving. The same against a real S3-compatible server (moto, on loopback): a
+//! bundle registered into the bucket is downloaded whole, by ranges and resumed, and an object
+//! altered in the bucket is refused.
 
 mod support;
 
@@ -19,12 +20,13 @@ use object_store::path::Path as ObjectPath;
 use object_store::{ObjectStoreExt, PutPayload};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
+use tandem_core::protocol::ModelAssignment;
 use tandem_fleet::config::{ApiTlsConfig, FleetConfig, RegistryConfig, S3StoreConfig};
 use tandem_fleet::devices_file::hash_password;
 use tandemd::offload::{Secret, SecretSource};
 use tandemd::updater::command::{UpdateArgs, UpdateOutcome, run_update};
 use tandemd::updater::download::{DownloadOptions, Downloader};
-use tandemd::updater::fleet_link::FleetCredentials;
+use tandemd::updater::fleet_link::{FleetCredentials, follow_polls};
 
 use support::bundle::{key, public_key, write_bundle};
 use support::fleet::{TestFleet, http};
@@ -262,6 +264,47 @@ async fn tandemd_update_with_a_ca_file_stages_a_bundle_from_the_https_registry()
     let outcome = run_update(&update(&pki.ca), &|_| {}).await.expect("staged over HTTPS");
     let UpdateOutcome::Staged(staged) = outcome else { panic!("{outcome:?}") };
     assert_eq!(staged.bundle().version, "1");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn assignment_polls_over_https_arrive_only_when_the_device_trusts_the_ca() {
+    let pki = TestPki::generate();
+    let fleet = https_fleet_with_registry(&pki).await;
+    let assigned = ModelAssignment {
+        v: tandem_core::protocol::PROTOCOL_VERSION,
+        rollout_id: None,
+        bundle_name: "tiny".into(),
+        version: "1".into(),
+        manifest_sha256: "ab".repeat(32),
+        url: fleet.api_url("/v1/registry/tiny/1/"),
+        assigned_at_ms: 1,
+    };
+    // Written as the rollout service writes it, without a rollout and its MQTT devices.
+    let db = sqlx::SqlitePool::connect(&format!("sqlite://{}", fleet.db_path().display())).await.unwrap();
+    sqlx::query(
+        "INSERT INTO device_assignments (device_id, rollout_id, bundle_name, version, assigned_at_ms, payload) \
+         VALUES ($1, NULL, 'tiny', '1', 1, $2)",
+    )
+    .bind(DEVICE)
+    .bind(String::from_utf8(assigned.to_payload()).unwrap())
+    .execute(&db)
+    .await
+    .unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let poll = |extra_ca: &[reqwest::Certificate]| {
+        let (sender, received) = tokio::sync::mpsc::channel(8);
+        let credentials = FleetCredentials::Device { id: DEVICE.into(), password: Secret::new(PASSWORD) };
+        let base = fleet.api_url("");
+        let interval = Duration::from_secs(1);
+        follow_polls(&base, DEVICE, Some(credentials), extra_ca, interval, sender, stop.clone()).unwrap();
+        received
+    };
+    let (mut trusting, mut untrusting) = (poll(&fleet.extra_ca), poll(&[]));
+    let polled = tokio::time::timeout(Duration::from_secs(10), trusting.recv()).await.expect("polled");
+    assert_eq!(polled, Some(assigned));
+    let refused = tokio::time::timeout(Duration::from_millis(2500), untrusting.recv()).await;
+    assert!(refused.is_err(), "a device without the CA gets nothing: {refused:?}");
+    stop.cancel();
 }
 
 async fn https_fleet_with_registry(pki: &TestPki) -> TestFleet {
