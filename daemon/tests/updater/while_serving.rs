@@ -2,8 +2,10 @@
 //! polls from a loopback "fleet" endpoint or receives as a retained message from Mosquitto,
 //! downloads the bundle from the Range file server, probes it in a second session and swaps it in
 //! while requests run — a streaming answer started before the swap ends normally. A tampered bundle
-//! is refused with a `failed` report while the old model keeps serving, and a daemon killed right
-//! after the swap comes back serving the new, verified slot on probation.
+//! is refused with a `failed` report while the old model keeps serving, a daemon killed right
+//! after the swap comes back serving the new, verified slot on probation, and one killed at random
+//! points of a live update (download, verification, probe, swap, probation) always restarts on a
+//! complete, verified model.
 
 use std::time::{Duration, Instant};
 
@@ -519,6 +521,67 @@ fn a_daemon_killed_right_after_the_swap_restarts_on_the_new_verified_slot_on_pro
     assert_eq!(probation.unhealthy_starts, 0, "both starts became healthy: {probation:?}");
     drop(slots);
     assert_eq!(store_versions(&dir.path().join("state")).0.as_deref(), Some("1"), "a verified slot");
+}
+
+#[test]
+fn a_serving_daemon_killed_at_random_points_of_a_live_update_always_restarts_on_a_verified_model() {
+    let files = FileServer::start(Faults::None);
+    let fleet = FleetEndpoint::start();
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(dir.path(), "");
+    // A slow download (the bundle is ~470 kB: over 1.5 s), so the kills land in it as well as in
+    // verification, the probe, the swap and the probation after it.
+    std::fs::write(
+        &config,
+        std::fs::read_to_string(&config).unwrap()
+            + &format!("poll_url = {:?}\npoll_interval_secs = 1\nbandwidth_limit = 300000\n", fleet.url()),
+    )
+    .unwrap();
+    fleet.assign(assignment(&files, "v1", "1"));
+    let state = dir.path().join("state");
+    let mut rng = Rng(0x5eed_1e55);
+    let mut trials = Vec::new();
+    multi_thread_runtime().block_on(async {
+        let port = free_port();
+        for trial in 0..6 {
+            let mut daemon = Daemon::start(&config, port).await;
+            let served = version(&daemon.status().await).to_string();
+            // The first kill surely lands in the download; the others anywhere.
+            let delay = if trial == 0 { 300 } else { rng.below(2500) };
+            tokio::time::sleep(Duration::from_millis(delay)).await;
+            daemon.kill9();
+            // Never a mix: whatever the slots hold verifies (store_versions checks every file and
+            // the signature), and the daemon served v0 or v1 whole.
+            let (current, previous) = store_versions(&state);
+            assert!(matches!(current.as_deref(), None | Some("1")), "{current:?}");
+            assert!(previous.is_none(), "{previous:?}");
+            assert!(served == "0" || served == "1", "{served}");
+            trials.push((delay, served, current));
+        }
+        // Then it settles: on v1, or, when the kills came while v1 was on probation often enough,
+        // reverted to v0 with v1 refused from then on (repeated crashes after a swap revert).
+        let mut daemon = Daemon::start(&config, port).await;
+        let settled = daemon
+            .wait_for("the update to settle", Duration::from_secs(120), |s| {
+                version(s) == "1" || update_state(s).1 == "failed"
+            })
+            .await;
+        let served = version(&settled).to_string();
+        daemon.kill9();
+        let current = store_versions(&state).0;
+        match served.as_str() {
+            "1" => assert_eq!(current.as_deref(), Some("1"), "{trials:?}"),
+            _ => {
+                assert_eq!((served.as_str(), current), ("0", None), "{trials:?}");
+                let detail = settled["update"]["detail"].as_str().unwrap_or_default();
+                assert!(detail.contains("rolled back on this device before"), "{settled:#}");
+            }
+        }
+    });
+    let killed_while_serving_v1 = trials.iter().filter(|(_, served, _)| served == "1").count();
+    let killed_before_any_slot = trials.iter().filter(|(_, _, current)| current.is_none()).count();
+    assert!(killed_before_any_slot > 0, "no kill landed before the swap: {trials:?}");
+    assert!(killed_while_serving_v1 > 0, "no kill landed after the swap: {trials:?}");
 }
 
 #[test]
