@@ -1,5 +1,5 @@
 //! What the fleet end-to-end tests share: `tandem-fleet serve` as a real process (started, killed
-//! with SIGKILL, restarted on the same ports), its API over HTTP, a Mosquitto that keeps its
+//! with SIGKILL, restarted on the same ports), its API over HTTP or HTTPS, a Mosquitto that keeps its
 //! sessions on disk, a private PostgreSQL cluster, and the load generator as a child process.
 
 use std::collections::BTreeSet;
@@ -36,17 +36,40 @@ pub struct FleetProcess {
     pub api: SocketAddr,
     config: String,
     starts: u32,
+    /// CA certificates trusted for an API served over HTTPS (`[api.tls]`); empty: plain HTTP.
+    https_ca: Vec<reqwest::Certificate>,
 }
 
 impl FleetProcess {
     /// Starts `tandem-fleet serve` in `dir` with `config` (TOML; must set `api.listen`, which is
     /// also how the test reaches it) and waits until `/healthz` says ok.
     pub fn start(dir: &Path, config: &str, api: SocketAddr) -> Self {
+        Self::start_with(dir, config, api, Vec::new())
+    }
+
+    /// As [`FleetProcess::start`] for a `config` with `[api.tls]`: the test reaches the API over
+    /// HTTPS, trusting the CA certificates in the PEM file `ca`.
+    pub fn start_https(dir: &Path, config: &str, api: SocketAddr, ca: &Path) -> Self {
+        let ca = reqwest::Certificate::from_pem_bundle(&std::fs::read(ca).unwrap()).unwrap();
+        Self::start_with(dir, config, api, ca)
+    }
+
+    fn start_with(dir: &Path, config: &str, api: SocketAddr, https_ca: Vec<reqwest::Certificate>) -> Self {
         std::fs::create_dir_all(dir).unwrap();
-        let mut fleet =
-            Self { child: None, dir: dir.to_path_buf(), api, config: config.to_string(), starts: 0 };
+        let config = config.to_string();
+        let mut fleet = Self { child: None, dir: dir.to_path_buf(), api, config, starts: 0, https_ca };
         fleet.start_again();
         fleet
+    }
+
+    /// A client for the API (trusting the CA when it speaks HTTPS).
+    pub fn client(&self) -> reqwest::blocking::Client {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        reqwest::blocking::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .tls_certs_merge(self.https_ca.iter().cloned())
+            .build()
+            .unwrap()
     }
 
     /// Starts it again (same configuration, same ports, same database).
@@ -71,7 +94,8 @@ impl FleetProcess {
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
                 panic!("tandem-fleet exited with {status}:\n{}", self.log());
             }
-            let healthy = http().get(self.url("/healthz")).send().ok().and_then(|r| r.json::<Value>().ok());
+            let healthy =
+                self.client().get(self.url("/healthz")).send().ok().and_then(|r| r.json::<Value>().ok());
             if healthy.is_some_and(|h| h["status"] == "ok") {
                 return;
             }
@@ -89,7 +113,8 @@ impl FleetProcess {
     }
 
     pub fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.api)
+        let scheme = if self.https_ca.is_empty() { "http" } else { "https" };
+        format!("{scheme}://{}{path}", self.api)
     }
 
     fn log_path(&self) -> PathBuf {
@@ -107,7 +132,7 @@ impl FleetProcess {
 
     /// GET `path` (bearer `token`) as JSON; panics unless 200.
     pub fn get(&self, path: &str, token: Option<&str>) -> Value {
-        let mut request = http().get(self.url(path));
+        let mut request = self.client().get(self.url(path));
         if let Some(token) = token {
             request = request.bearer_auth(token);
         }
@@ -141,7 +166,7 @@ impl FleetProcess {
 
     /// The value of a Prometheus sample (`name{labels}`), 0 when absent.
     pub fn metric(&self, sample: &str) -> f64 {
-        let text = http().get(self.url("/metrics")).send().unwrap().text().unwrap();
+        let text = self.client().get(self.url("/metrics")).send().unwrap().text().unwrap();
         text.lines()
             .find_map(|line| line.strip_prefix(sample).and_then(|rest| rest.trim().parse().ok()))
             .unwrap_or(0.0)

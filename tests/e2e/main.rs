@@ -10,6 +10,7 @@ mod demo_models;
 mod fixtures;
 mod fleet_dashboard;
 mod fleet_faults;
+mod fleet_https;
 mod fleet_ingest;
 mod fleet_offload;
 mod fleet_rollouts;
