@@ -127,6 +127,16 @@ struct Daemon {
 }
 
 /// The configuration: v0 as the configured model, the trusted key, `[updater]` plus `extra`.
+/// [`config`], following assignments polled from `fleet` every second, with `updater_extra`
+/// lines in `[updater]`.
+fn polling_config(dir: &Path, extra: &str, fleet: &FleetEndpoint, updater_extra: &str) -> PathBuf {
+    let path = config(dir, extra);
+    let text = std::fs::read_to_string(&path).unwrap()
+        + &format!("poll_url = {:?}\npoll_interval_secs = 1\n{updater_extra}", fleet.url());
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
 fn config(dir: &Path, extra: &str) -> PathBuf {
     let path = dir.join("tandemd.toml");
     let text = format!(
@@ -297,13 +307,7 @@ fn a_polled_assignment_is_downloaded_probed_and_swapped_in_without_cutting_a_run
     let files = FileServer::start(Faults::None);
     let fleet = FleetEndpoint::start();
     let dir = tempfile::tempdir().unwrap();
-    let config = config(dir.path(), "[server]\nmax_queue = 64\n");
-    std::fs::write(
-        &config,
-        std::fs::read_to_string(&config).unwrap()
-            + &format!("poll_url = {:?}\npoll_interval_secs = 1\n", fleet.url()),
-    )
-    .unwrap();
+    let config = polling_config(dir.path(), "[server]\nmax_queue = 64\n", &fleet, "");
 
     multi_thread_runtime().block_on(async {
         let mut daemon = Daemon::start(&config, free_port()).await;
@@ -385,13 +389,7 @@ fn a_tampered_bundle_is_refused_reported_failed_and_the_old_model_keeps_serving(
     let files = FileServer::start(Faults::None);
     let fleet = FleetEndpoint::start();
     let dir = tempfile::tempdir().unwrap();
-    let config = config(dir.path(), "");
-    std::fs::write(
-        &config,
-        std::fs::read_to_string(&config).unwrap()
-            + &format!("poll_url = {:?}\npoll_interval_secs = 1\n", fleet.url()),
-    )
-    .unwrap();
+    let config = polling_config(dir.path(), "", &fleet, "");
     fleet.assign(assignment(&files, "v2-tampered", "2"));
 
     multi_thread_runtime().block_on(async {
@@ -494,13 +492,7 @@ fn a_daemon_killed_right_after_the_swap_restarts_on_the_new_verified_slot_on_pro
     let files = FileServer::start(Faults::None);
     let fleet = FleetEndpoint::start();
     let dir = tempfile::tempdir().unwrap();
-    let config = config(dir.path(), "");
-    std::fs::write(
-        &config,
-        std::fs::read_to_string(&config).unwrap()
-            + &format!("poll_url = {:?}\npoll_interval_secs = 1\n", fleet.url()),
-    )
-    .unwrap();
+    let config = polling_config(dir.path(), "", &fleet, "");
     fleet.assign(assignment(&files, "v1", "1"));
 
     multi_thread_runtime().block_on(async {
@@ -528,15 +520,9 @@ fn a_serving_daemon_killed_at_random_points_of_a_live_update_always_restarts_on_
     let files = FileServer::start(Faults::None);
     let fleet = FleetEndpoint::start();
     let dir = tempfile::tempdir().unwrap();
-    let config = config(dir.path(), "");
     // A slow download (the bundle is ~470 kB: over 1.5 s), so the kills land in it as well as in
     // verification, the probe, the swap and the probation after it.
-    std::fs::write(
-        &config,
-        std::fs::read_to_string(&config).unwrap()
-            + &format!("poll_url = {:?}\npoll_interval_secs = 1\nbandwidth_limit = 300000\n", fleet.url()),
-    )
-    .unwrap();
+    let config = polling_config(dir.path(), "", &fleet, "bandwidth_limit = 300000\n");
     fleet.assign(assignment(&files, "v1", "1"));
     let state = dir.path().join("state");
     let mut rng = Rng(0x5eed_1e55);
@@ -594,13 +580,7 @@ fn polls_and_downloads_carry_the_devices_broker_password() {
     // The broker is not there: the credentials still come from its section, and polling works alone.
     let mqtt =
         format!("[mqtt]\nurl = \"mqtt://127.0.0.1:{}\"\npassword_file = {:?}\n", free_port(), arg(&password));
-    let config = config(dir.path(), &mqtt);
-    std::fs::write(
-        &config,
-        std::fs::read_to_string(&config).unwrap()
-            + &format!("poll_url = {:?}\npoll_interval_secs = 1\n", fleet.url()),
-    )
-    .unwrap();
+    let config = polling_config(dir.path(), &mqtt, &fleet, "");
     // base64("edge-1:edge-one-password-0123")
     let basic = "Basic ZWRnZS0xOmVkZ2Utb25lLXBhc3N3b3JkLTAxMjM=";
     fleet.require(basic);
