@@ -27,11 +27,10 @@ async fn fleet_with_token() -> TestFleet {
             connect_timeout_ms: 100,
             ca_file: None,
         }];
-        config.registry = Some(tandem_fleet::config::RegistryConfig {
-            dir: dir.join("registry"),
-            trusted_keys: vec![support::bundle::public_key(dir, &support::bundle::key(1))],
-            public_url: None,
-        });
+        config.registry = Some(support::bundle::registry_trusting(
+            dir,
+            vec![support::bundle::public_key(dir, &support::bundle::key(1))],
+        ));
         let scheduler = format!("work_dir = {:?}", dir.join("jobs").display().to_string());
         config.scheduler = Some(toml::from_str(&scheduler).unwrap());
     })

@@ -12,10 +12,10 @@ use std::time::Duration;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use tandem_core::bundle::signature::parse_public_key;
-use tandem_fleet::config::RegistryConfig;
 use tandem_fleet::loadgen::{FollowOptions, LoadOptions, LoadReport, run_load_until};
 use tokio_util::sync::CancellationToken;
 
+use support::bundle::registry_trusting;
 use support::fleet::{TestFleet, http};
 use support::wait::wait_until;
 
@@ -34,11 +34,7 @@ fn bundle_bytes(version: &str) -> u64 {
 
 async fn fleet() -> TestFleet {
     let fleet = TestFleet::start(|config, dir| {
-        config.registry = Some(RegistryConfig {
-            dir: dir.join("registry"),
-            trusted_keys: vec![repo().join("models/keys/demo.pub")],
-            public_url: None,
-        });
+        config.registry = Some(registry_trusting(dir, vec![repo().join("models/keys/demo.pub")]));
         config.rollouts.evaluate_interval_ms = 100;
     })
     .await;

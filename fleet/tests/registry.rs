@@ -28,7 +28,7 @@ use tandemd::updater::command::{UpdateArgs, UpdateOutcome, run_update};
 use tandemd::updater::download::{DownloadOptions, Downloader};
 use tandemd::updater::fleet_link::{FleetCredentials, follow_polls};
 
-use support::bundle::{key, public_key, write_bundle};
+use support::bundle::{key, public_key, registry_trusting, write_bundle};
 use support::fleet::{TestFleet, http};
 use support::pki::TestPki;
 
@@ -57,11 +57,7 @@ async fn fleet_with_registry() -> TestFleet {
 
 fn with_registry(config: &mut FleetConfig, dir: &Path) {
     secure(config, dir);
-    config.registry = Some(RegistryConfig {
-        dir: dir.join("registry"),
-        trusted_keys: vec![public_key(dir, &key(1))],
-        public_url: None,
-    });
+    config.registry = Some(registry_trusting(dir, vec![public_key(dir, &key(1))]));
 }
 
 /// GET `path` of the fleet as device `DEVICE`, with `range` when given.
@@ -421,11 +417,7 @@ async fn a_fleet_without_a_devices_file_serves_devices_with_the_operators_token(
         let token = dir.join("token");
         std::fs::write(&token, format!("{TOKEN}\n")).unwrap();
         config.api.token = Some(SecretSource::File(token));
-        config.registry = Some(RegistryConfig {
-            dir: dir.join("registry"),
-            trusted_keys: vec![public_key(dir, &key(1))],
-            public_url: None,
-        });
+        config.registry = Some(registry_trusting(dir, vec![public_key(dir, &key(1))]));
     })
     .await;
     let bundle = write_bundle(fleet.dir.path(), "tiny", "1", b"graph-one", Some(&key(1)));
@@ -440,11 +432,7 @@ async fn a_fleet_without_a_devices_file_serves_devices_with_the_operators_token(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fleet_without_devices_file_or_token_serves_devices_whatever_they_send() {
     let fleet = TestFleet::start(|config, dir| {
-        config.registry = Some(RegistryConfig {
-            dir: dir.join("registry"),
-            trusted_keys: vec![public_key(dir, &key(1))],
-            public_url: None,
-        });
+        config.registry = Some(registry_trusting(dir, vec![public_key(dir, &key(1))]));
     })
     .await;
     let bundle = write_bundle(fleet.dir.path(), "tiny", "1", b"graph-one", Some(&key(1)));

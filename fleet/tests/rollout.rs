@@ -17,10 +17,9 @@ use serde_json::{Value, json};
 use tandem_core::protocol::{
     DeviceStatus, DeviceTopics, ModelAssignment, Route, TopicKind, UpdateReport, UpdateState,
 };
-use tandem_fleet::config::RegistryConfig;
 use tandem_fleet::rollout::{DeviceObservation, stage_members};
 
-use support::bundle::{key, public_key, write_bundle};
+use support::bundle::{key, public_key, registry_trusting, write_bundle};
 use support::fleet::{TestFleet, http};
 use support::postgres::TestPostgres;
 use support::telemetry::{event, now_ms};
@@ -165,11 +164,7 @@ async fn fleet(store_url: Option<String>) -> TestFleet {
         if let Some(url) = store_url {
             config.store.url = url;
         }
-        config.registry = Some(RegistryConfig {
-            dir: dir.join("registry"),
-            trusted_keys: vec![public_key(dir, &key(1))],
-            public_url: None,
-        });
+        config.registry = Some(registry_trusting(dir, vec![public_key(dir, &key(1))]));
         config.rollouts.evaluate_interval_ms = 100;
     })
     .await;

@@ -12,11 +12,12 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 use tandem_core::protocol::{DeviceTopics, Route, TelemetryEvent, TopicKind};
 use tandem_fleet::config::{
-    CallRatioRule, FleetConfig, JobTemplate, RegistryConfig, RunnerKind, SchedulerConfig, StoreConfig,
+    CallRatioRule, FleetConfig, JobTemplate, RunnerKind, SchedulerConfig, StoreConfig,
 };
 use tandem_fleet::scheduler::FLEET_RESTARTED;
 use tandem_fleet::store::{JobOutputs, JobRecord, JobState, Store};
 
+use support::bundle::registry_trusting;
 use support::fleet::{TestFleet, http};
 use support::mqtt::{Login, TestClient};
 use support::postgres::TestPostgres;
@@ -79,11 +80,7 @@ async fn fleet_configured(configure: impl FnOnce(&Path, &mut SchedulerConfig)) -
             dir.join("task.jsonl").display()
         );
         std::fs::write(dir.join("train.toml"), train).unwrap();
-        config.registry = Some(RegistryConfig {
-            dir: dir.join("registry"),
-            trusted_keys: vec![keys.join("k.pub")],
-            public_url: None,
-        });
+        config.registry = Some(registry_trusting(dir, vec![keys.join("k.pub")]));
         config.scheduler = Some(SchedulerConfig {
             work_dir: dir.join("jobs"),
             runner: Default::default(),

@@ -8,6 +8,11 @@ use tandem_core::bundle::{
     ModelArchitecture, Provenance, TOKENIZER_FILE,
 };
 
+/// A registry in `dir/registry` trusting only `trusted_keys`.
+pub fn registry_trusting(dir: &Path, trusted_keys: Vec<PathBuf>) -> tandem_fleet::config::RegistryConfig {
+    tandem_fleet::config::RegistryConfig { dir: dir.join("registry"), trusted_keys, public_url: None }
+}
+
 /// A deterministic signing key.
 pub fn key(seed: u8) -> SigningKey {
     SigningKey::from_bytes(&[seed; 32])
