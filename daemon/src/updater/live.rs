@@ -242,29 +242,30 @@ impl Task {
         if let ProbationOutcome::RolledBack(rollback) = slots.record_start()? {
             return Err(Refusal::Final(format!("probation refused the new slot: {}", rollback.reason)));
         }
-        let old = self.parts.model.swap(candidate);
-        slots.record_healthy()?;
         let on_probation = slots.probation().is_some();
+        let model = &self.parts.model;
+        let old = tracker.activated(&version, Some(view.slot.to_string()), on_probation, || model.swap(candidate));
+        slots.record_healthy()?;
         tracing::info!(
             version, slot = %view.slot, previous = old.version(), requests_on_previous = Arc::strong_count(&old) - 1,
             "the new model serves; requests already running finish on the previous one"
         );
         drop(old);
-        tracker.serving(version.clone(), Some(view.slot.to_string()), on_probation);
-        tracker.finish(&version, UpdateOutcome::Activated, None);
         Ok(())
     }
 
     /// The active slot holds the assigned bundle but another model is served: load and swap it.
     async fn serve_slot(&mut self, view: SlotView, version: &str) -> Result<(), Refusal> {
-        if self.parts.model.current().version() != view.bundle.version {
+        let candidate = if self.parts.model.current().version() != view.bundle.version {
             self.parts.tracker.report(version, UpdateState::Probing, None);
-            let candidate = self.load_and_probe(view.dir.clone()).await?;
-            drop(self.parts.model.swap(candidate));
-        }
+            Some(self.load_and_probe(view.dir.clone()).await?)
+        } else {
+            None
+        };
         let on_probation = self.updater()?.slots().probation().is_some();
-        self.parts.tracker.serving(view.bundle.version.clone(), Some(view.slot.to_string()), on_probation);
-        self.parts.tracker.finish(version, UpdateOutcome::Activated, None);
+        let model = &self.parts.model;
+        let swap = || candidate.map(|candidate| model.swap(candidate));
+        drop(self.parts.tracker.activated(version, Some(view.slot.to_string()), on_probation, swap));
         Ok(())
     }
 

@@ -107,6 +107,34 @@ impl UpdateTracker {
         });
     }
 
+    /// `swap` puts the model of `version` in service; the tracker records it as served and the
+    /// update as activated in the same change, holding its lock across the swap, so a reader that
+    /// sees the new model and then takes a snapshot never sees the update still in progress.
+    /// Returns what `swap` returns (the previous model).
+    pub fn activated<T>(
+        &self,
+        version: &str,
+        slot: Option<String>,
+        on_probation: bool,
+        swap: impl FnOnce() -> T,
+    ) -> T {
+        let mut state = self.lock();
+        let previous = swap();
+        state.model_version = Some(version.to_string());
+        state.slot = slot;
+        state.on_probation = on_probation;
+        state.outcomes[UpdateOutcome::Activated as usize] += 1;
+        state.report = Some(UpdateReport {
+            version: version.to_string(),
+            state: UpdateState::Active,
+            detail: None,
+            at_ms: now_ms(),
+        });
+        drop(state);
+        self.changed.send_modify(|n| *n += 1);
+        previous
+    }
+
     /// Another model serves now.
     pub fn serving(&self, model_version: String, slot: Option<String>, on_probation: bool) {
         self.change(|s| {
@@ -133,6 +161,8 @@ impl UpdateTracker {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::*;
 
     #[test]
@@ -148,5 +178,43 @@ mod tests {
         assert_eq!((report.version.as_str(), report.state), ("2", UpdateState::Failed));
         assert_eq!(snapshot.model_version.as_deref(), Some("1"));
         assert!(changes.has_changed().unwrap());
+    }
+
+    #[test]
+    fn whoever_sees_the_swapped_model_then_sees_the_update_active() {
+        let tracker = Arc::new(UpdateTracker::new("1".into(), None, false));
+        tracker.report("2", UpdateState::Probing, None);
+        let served = Arc::new(Mutex::new("1"));
+        let (swapped_tx, swapped_rx) = std::sync::mpsc::channel();
+        let (finish_tx, finish_rx) = std::sync::mpsc::channel::<()>();
+        let updater = {
+            let (tracker, served) = (Arc::clone(&tracker), Arc::clone(&served));
+            std::thread::spawn(move || {
+                tracker.activated("2", Some("b".into()), true, || {
+                    let previous = std::mem::replace(&mut *served.lock().unwrap(), "2");
+                    swapped_tx.send(()).unwrap();
+                    // A reader looks while the swap is done but the activation not returned.
+                    finish_rx.recv().unwrap();
+                    previous
+                })
+            })
+        };
+        swapped_rx.recv().unwrap();
+        assert_eq!(*served.lock().unwrap(), "2");
+        let reader = {
+            let tracker = Arc::clone(&tracker);
+            std::thread::spawn(move || tracker.snapshot())
+        };
+        // Give the reader time to block on the tracker (were it not locked, it would read "probing").
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        finish_tx.send(()).unwrap();
+        assert_eq!(updater.join().unwrap(), "1", "activated returns what the swap returned");
+        let snapshot = reader.join().unwrap();
+        let report = snapshot.report.as_ref().expect("a report");
+        assert_eq!((report.version.as_str(), report.state), ("2", UpdateState::Active));
+        assert_eq!(snapshot.model_version.as_deref(), Some("2"));
+        assert_eq!(snapshot.slot.as_deref(), Some("b"));
+        assert!(snapshot.on_probation);
+        assert_eq!(snapshot.count(UpdateOutcome::Activated), 1);
     }
 }
