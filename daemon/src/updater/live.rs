@@ -244,7 +244,8 @@ impl Task {
         }
         let on_probation = slots.probation().is_some();
         let model = &self.parts.model;
-        let old = tracker.activated(&version, Some(view.slot.to_string()), on_probation, || model.swap(candidate));
+        let old =
+            tracker.activated(&version, Some(view.slot.to_string()), on_probation, || model.swap(candidate));
         slots.record_healthy()?;
         tracing::info!(
             version, slot = %view.slot, previous = old.version(), requests_on_previous = Arc::strong_count(&old) - 1,
