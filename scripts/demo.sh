@@ -98,6 +98,9 @@ for i in $(seq 1 "$DEVICES"); do
 done
 (umask 077; python3 -c "import secrets; print(secrets.token_urlsafe(24))" >"$DEMO/fleet/api-token")
 export DEMO_API_TOKEN_FILE=$DEMO/fleet/api-token
+# The demo's signing key, private to its owner as a signing key must be (git keeps no file modes, so
+# the committed copy is readable by everyone and the signer would warn about it).
+install -m 600 models/keys/demo.key "$DEMO/fleet/demo.key"
 # The job template's run configuration: the GAPG run of docs/results/countdown-cpu (see step 5).
 cp docs/results/countdown-cpu/configs/gapg.toml "$DEMO/fleet/train-countdown.toml"
 cat >"$DEMO/fleet/fleet.toml" <<EOF
@@ -145,7 +148,7 @@ run_config = "$DEMO/fleet/train-countdown.toml"
 task_data = ["$DEMO/data/train.jsonl"]
 # The graded workload's problems: devices are asked them, but the job never trains on them.
 held_out = ["$DEMO/data/test.jsonl"]
-signing_key = "$ROOT/models/keys/demo.key"
+signing_key = "$DEMO/fleet/demo.key"
 bundle = "{work_dir}/bundle"
 # A short GAPG run (with prompt filtering) from v1's committed trainer checkpoint, evaluated on the
 # held-out problems; the whole CPU experiment ran 60 steps (make models).

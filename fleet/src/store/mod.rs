@@ -10,6 +10,7 @@ mod devices;
 mod events;
 mod jobs;
 mod latency;
+mod migrations;
 mod models;
 mod retention;
 mod rollouts;
@@ -30,6 +31,7 @@ pub use rollouts::{AssignmentRow, RolloutChange, RolloutRecord};
 pub use stats::{GroupBy, LatencyDistributions, StatsQuery, StatsReport, StatsRow};
 
 use crate::config::StoreConfig;
+use migrations::EmbeddedMigrations;
 
 /// Which database the store runs on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,9 +62,6 @@ pub struct Store {
     backend: Backend,
 }
 
-static SQLITE_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
-static POSTGRES_MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
-
 impl Store {
     /// Connects (creating a missing SQLite file) and applies pending migrations.
     pub async fn open(config: &StoreConfig) -> Result<Self, StoreError> {
@@ -89,10 +88,7 @@ impl Store {
             .connect_with(options)
             .await
             .map_err(|source| StoreError::Connect { url: redact(&config.url), source })?;
-        match backend {
-            Backend::Sqlite => SQLITE_MIGRATIONS.run(&pool).await?,
-            Backend::Postgres => POSTGRES_MIGRATIONS.run(&pool).await?,
-        }
+        EmbeddedMigrations(backend).migrator().await?.run(&pool).await?;
         Ok(Self { pool, backend })
     }
 
