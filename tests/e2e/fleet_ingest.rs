@@ -323,3 +323,55 @@ fn two_fleet_instances_split_the_load_with_a_shared_subscription() {
     assert!(stored.iter().all(|n| *n > 0.0), "both instances ingested: {stored:?}");
     assert_eq!(stored.iter().sum::<f64>() as usize, acked.len(), "{stored:?}");
 }
+
+#[test]
+fn a_fleet_behind_a_flooding_broker_holds_no_more_than_its_receive_maximum_of_messages() {
+    use crate::fleet_support::{PersistentMosquitto, finish_loadgen, read_ids, spawn_loadgen};
+    const RECEIVE_MAXIMUM: f64 = 50.0;
+    let work = tempfile::tempdir().unwrap();
+    let broker = PersistentMosquitto::start(None);
+    let api = loopback();
+    let mqtt =
+        format!("{}receive_maximum = {RECEIVE_MAXIMUM}\n", external_mqtt(&broker.url(), "fleet", None));
+    let fleet =
+        FleetProcess::start(&work.path().join("fleet"), &fleet_config(work.path(), None, api, &mqtt), api);
+    let acked = work.path().join("acked.txt");
+    // Flat out: the devices publish as fast as Mosquitto acknowledges, far faster than the fleet
+    // commits, and Mosquitto hands the backlog on as fast as the fleet reads it.
+    let load = spawn_loadgen(&[
+        "--url",
+        &broker.url(),
+        "--devices",
+        "20",
+        "--rate",
+        "0",
+        "--batch",
+        "5",
+        "--duration",
+        "2",
+        "--acked-ids",
+        acked.to_str().unwrap(),
+    ]);
+    let mut most_waiting: f64 = 0.0;
+    let mut sample = || most_waiting = most_waiting.max(fleet.metric("tandem_fleet_ingest_queue_depth"));
+    let started = std::time::Instant::now();
+    while started.elapsed() < Duration::from_secs(3) {
+        sample();
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let report = finish_loadgen(load);
+    let acked = read_ids(&acked);
+    eventually("every acknowledged event is stored once", Duration::from_secs(120), || {
+        sample();
+        fleet.metric("tandem_fleet_ingest_events_total{result=\"stored\"}") as usize >= acked.len()
+    });
+    assert_eq!(fleet.all_event_ids(None), acked, "{report}");
+    assert!(
+        most_waiting <= RECEIVE_MAXIMUM,
+        "{most_waiting} messages were waiting to be written at once, more than the receive maximum: {report}"
+    );
+    assert!(
+        most_waiting >= RECEIVE_MAXIMUM / 2.0,
+        "the load never filled the window ({most_waiting}): {report}"
+    );
+}

@@ -11,7 +11,7 @@ use uuid::Uuid;
 
 use super::devices::{DeviceStatusUpdate, write_statuses};
 use super::latency::quantize_latency;
-use super::{Backend, Store, StoreError, values_placeholders};
+use super::{Store, StoreError, statement_chunks, values_placeholders};
 
 const EVENT_COLUMNS: &str = "id, device_id, model_version, at_ms, received_ms, route, help_requested, \
      help_probability, local_prompt_tokens, local_completion_tokens, local_latency_ms, local_latency_q, \
@@ -21,16 +21,6 @@ const EVENT_COLUMN_COUNT: usize = 23;
 /// Rows per INSERT statement (11 500 parameters, under SQLite's and PostgreSQL's limits); larger
 /// statements are not faster.
 const ROWS_PER_STATEMENT: usize = 500;
-/// Set on the SQLite connection of each ingest transaction (they last for the connection).
-/// A multi-row INSERT keeps a statement journal (to undo the statement alone on an error), which
-/// SQLite spills to a temporary file past 64 KiB: in memory instead. A batch dirties a page of the
-/// device index per device: a 64 MiB cache keeps them until the commit (the default 2 MiB spills
-/// them to the WAL mid-transaction, writing pages twice). And the WAL grows to 64 MiB before a
-/// checkpoint copies it into the database, so that pages changed by consecutive batches are
-/// copied once (docs/benchmarks.md, tandem-fleet, has the bytes written per event).
-const SQLITE_WRITER_PRAGMAS: [&str; 3] =
-    ["PRAGMA temp_store = MEMORY", "PRAGMA cache_size = -65536", "PRAGMA wal_autocheckpoint = 16384"];
-
 /// What a batch write did.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct InsertOutcome {
@@ -135,13 +125,8 @@ impl Store {
         returning: bool,
     ) -> Result<Option<InsertOutcome>, StoreError> {
         let mut outcome = InsertOutcome::default();
-        let mut tx = self.pool.begin().await?;
-        if self.backend == Backend::Sqlite {
-            for pragma in SQLITE_WRITER_PRAGMAS {
-                sqlx::query(pragma).execute(&mut *tx).await?;
-            }
-        }
-        for chunk in unique.chunks(ROWS_PER_STATEMENT) {
+        let mut tx = self.writer.begin().await?;
+        for chunk in statement_chunks(unique, ROWS_PER_STATEMENT) {
             let written = self.insert_rows(&mut tx, chunk, received_ms, returning).await?;
             if !returning && written.len() < chunk.len() {
                 tx.rollback().await?;
@@ -158,7 +143,7 @@ impl Store {
             }
         }
         let devices: Vec<_> = latest.into_iter().collect();
-        for chunk in devices.chunks(ROWS_PER_STATEMENT) {
+        for chunk in statement_chunks(&devices, ROWS_PER_STATEMENT) {
             let sql = format!(
                 "INSERT INTO devices (id, model_version, model_at_ms, first_seen_ms, last_seen_ms) VALUES {} \
                  ON CONFLICT (id) DO UPDATE SET \
@@ -316,7 +301,7 @@ impl Store {
     /// Which of `ids` belong to events already rolled up.
     async fn rolled_up_among(&self, ids: &[String]) -> Result<HashSet<String>, StoreError> {
         let mut found = HashSet::new();
-        for chunk in ids.chunks(ROWS_PER_STATEMENT) {
+        for chunk in statement_chunks(ids, ROWS_PER_STATEMENT) {
             let sql = format!(
                 "SELECT id FROM rolled_up_events WHERE id IN {}",
                 values_placeholders(self.backend, 1, chunk.len())

@@ -55,41 +55,50 @@ pub enum StoreError {
     Corrupt(String),
 }
 
-/// The store; cheap to clone (a connection pool).
+/// The store; cheap to clone (connection pools).
 #[derive(Debug, Clone)]
 pub struct Store {
     pool: AnyPool,
+    /// The one connection telemetry batches are written on (see [`Store::open`]).
+    writer: AnyPool,
     backend: Backend,
 }
 
+/// Set once on the SQLite connection that writes telemetry batches. A multi-row INSERT keeps a
+/// statement journal (to undo the statement alone on an error), which SQLite spills to a temporary
+/// file past 64 KiB: in memory instead. A batch dirties a page of the device index per device: a
+/// 64 MiB cache keeps them until the commit (the default 2 MiB spills them to the WAL
+/// mid-transaction, writing pages twice). And the WAL grows to 64 MiB before a checkpoint copies it
+/// into the database, so that pages changed by consecutive batches are copied once
+/// (docs/benchmarks.md, tandem-fleet, has the bytes written per event).
+const SQLITE_WRITER_PRAGMAS: [&str; 3] =
+    ["PRAGMA temp_store = MEMORY", "PRAGMA cache_size = -65536", "PRAGMA wal_autocheckpoint = 16384"];
+
 impl Store {
     /// Connects (creating a missing SQLite file) and applies pending migrations.
+    ///
+    /// Telemetry batches are written on a connection of their own, always the same one: a pool
+    /// hands out its idle connections in turn, and on SQLite every connection other than the
+    /// last writer finds its page cache stale, so it read the pages back and refilled (and
+    /// re-allocated) a 64 MiB cache for every batch, on each of the pool's connections.
     pub async fn open(config: &StoreConfig) -> Result<Self, StoreError> {
         sqlx::any::install_default_drivers();
         let (url, backend) = connection_url(config)?;
         let options: AnyConnectOptions =
             url.parse().map_err(|source| StoreError::Connect { url: redact(&config.url), source })?;
-        let mut pool_options = AnyPoolOptions::new()
-            .max_connections(config.max_connections)
-            .acquire_timeout(Duration::from_secs(30));
-        if backend == Backend::Sqlite {
-            pool_options = pool_options.after_connect(|conn, _meta| {
-                Box::pin(async move {
-                    // WAL: readers never block the ingest writer. FULL: a commit survives power
-                    // loss, which is what acknowledging a device's message after it promises.
-                    conn.execute("PRAGMA journal_mode = WAL").await?;
-                    conn.execute("PRAGMA synchronous = FULL").await?;
-                    conn.execute("PRAGMA busy_timeout = 10000").await?;
-                    Ok(())
-                })
-            });
-        }
-        let pool = pool_options
-            .connect_with(options)
-            .await
-            .map_err(|source| StoreError::Connect { url: redact(&config.url), source })?;
+        let connect = |pool_options: AnyPoolOptions| {
+            let options = options.clone();
+            async move {
+                pool_options
+                    .connect_with(options)
+                    .await
+                    .map_err(|source| StoreError::Connect { url: redact(&config.url), source })
+            }
+        };
+        let pool = connect(pool_options(backend, config.max_connections, &[])).await?;
         EmbeddedMigrations(backend).migrator().await?.run(&pool).await?;
-        Ok(Self { pool, backend })
+        let writer = connect(pool_options(backend, 1, &SQLITE_WRITER_PRAGMAS)).await?;
+        Ok(Self { pool, writer, backend })
     }
 
     /// The database in use.
@@ -130,6 +139,29 @@ impl Store {
         tx.commit().await?;
         Ok(())
     }
+}
+
+/// A pool of at most `max_connections`; on SQLite each connection is set up for WAL, durable
+/// commits and waiting for locks, then given `pragmas`.
+fn pool_options(backend: Backend, max_connections: u32, pragmas: &'static [&'static str]) -> AnyPoolOptions {
+    let options =
+        AnyPoolOptions::new().max_connections(max_connections).acquire_timeout(Duration::from_secs(30));
+    if backend != Backend::Sqlite {
+        return options;
+    }
+    options.after_connect(move |conn, _meta| {
+        Box::pin(async move {
+            // WAL: readers never block the ingest writer. FULL: a commit survives power loss,
+            // which is what acknowledging a device's message after it promises.
+            conn.execute("PRAGMA journal_mode = WAL").await?;
+            conn.execute("PRAGMA synchronous = FULL").await?;
+            conn.execute("PRAGMA busy_timeout = 10000").await?;
+            for pragma in pragmas {
+                conn.execute(*pragma).await?;
+            }
+            Ok(())
+        })
+    })
 }
 
 /// The URL to connect with (password and SQLite create mode added) and its backend.
@@ -212,6 +244,25 @@ pub(crate) fn values_placeholders(backend: Backend, rows: usize, columns: usize)
     sql
 }
 
+/// `items` in chunks for multi-row statements, so that a writer uses few distinct statements:
+/// chunks of `max` rows, then the rest in chunks of a power of two, largest first (at most
+/// `log2(max) + 2` sizes in all). A statement is prepared once per connection and size and kept
+/// in sqlx's statement cache; with a chunk of every size from 1 to `max`, batches of varying sizes
+/// prepared a new statement of thousands of parameters for nearly every transaction, and the
+/// cache held up to a hundred of them.
+pub(crate) fn statement_chunks<T>(mut items: &[T], max: usize) -> impl Iterator<Item = &[T]> {
+    let max = max.max(1);
+    std::iter::from_fn(move || {
+        if items.is_empty() {
+            return None;
+        }
+        let size = if items.len() >= max { max } else { 1 << items.len().ilog2() };
+        let (chunk, rest) = items.split_at(size);
+        items = rest;
+        Some(chunk)
+    })
+}
+
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now()
@@ -222,6 +273,22 @@ pub fn now_ms() -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn statement_chunks_cover_every_item_in_order_with_few_sizes() {
+        let items: Vec<usize> = (0..1234).collect();
+        let chunks: Vec<&[usize]> = statement_chunks(&items, 500).collect();
+        let sizes: Vec<usize> = chunks.iter().map(|c| c.len()).collect();
+        assert_eq!(sizes, [500, 500, 128, 64, 32, 8, 2]);
+        assert_eq!(chunks.concat(), items);
+        let mut every_size = std::collections::BTreeSet::new();
+        for n in 0..=2000 {
+            let items = vec![0u8; n];
+            every_size.extend(statement_chunks(&items, 500).map(<[u8]>::len));
+        }
+        assert_eq!(every_size.len(), 10, "500 and the powers of two below it: {every_size:?}");
+        assert_eq!(statement_chunks::<u8>(&[], 500).count(), 0);
+    }
 
     #[test]
     fn placeholders_number_every_value() {
