@@ -341,7 +341,10 @@ pub struct ExternalBrokerConfig {
     /// How long the broker keeps this instance's session while it is down, seconds.
     #[serde(default = "default_session_expiry_secs")]
     pub session_expiry_secs: u32,
-    /// Messages the broker may have in flight to this instance (MQTT 5 receive maximum).
+    /// Messages received from the broker and not yet acknowledged, at most (also sent to the
+    /// broker as the MQTT 5 receive maximum). The fleet stops reading the connection at this many,
+    /// so it bounds the memory messages in flight take (this many times their size); large enough
+    /// that the next transaction's messages are read while one commits.
     #[serde(default = "default_external_receive_maximum")]
     pub receive_maximum: u16,
     /// Keep-alive interval, seconds.
@@ -359,7 +362,7 @@ const fn default_session_expiry_secs() -> u32 {
     7 * 24 * 3600
 }
 const fn default_external_receive_maximum() -> u16 {
-    2000
+    8192
 }
 const fn default_keep_alive_secs() -> u16 {
     30
