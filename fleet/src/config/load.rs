@@ -72,6 +72,7 @@ mod tests {
             shared_group: "g".into(),
             session_expiry_secs: 60,
             receive_maximum: 10,
+            receive_window_bytes: 1 << 20,
             keep_alive_secs: 5,
             max_packet_bytes: 1 << 20,
         });

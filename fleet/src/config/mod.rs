@@ -347,6 +347,10 @@ pub struct ExternalBrokerConfig {
     /// that the next transaction's messages are read while one commits.
     #[serde(default = "default_external_receive_maximum")]
     pub receive_maximum: u16,
+    /// Bytes of messages received and not yet acknowledged, at most (each message counts at least
+    /// 1 KiB): with `receive_maximum`, what in-flight messages may take in memory.
+    #[serde(default = "default_receive_window_bytes")]
+    pub receive_window_bytes: u64,
     /// Keep-alive interval, seconds.
     #[serde(default = "default_keep_alive_secs")]
     pub keep_alive_secs: u16,
@@ -363,6 +367,9 @@ const fn default_session_expiry_secs() -> u32 {
 }
 const fn default_external_receive_maximum() -> u16 {
     8192
+}
+const fn default_receive_window_bytes() -> u64 {
+    16 * 1024 * 1024
 }
 const fn default_keep_alive_secs() -> u16 {
     30

@@ -16,10 +16,10 @@ use std::time::Duration;
 use bytes::Bytes;
 use rumqttc::v5::mqttbytes::v5::{Login, Publish};
 use tandem_core::protocol::{DeviceTopics, TopicKind, parse_device_topic};
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use self::session::{OutPublish, Outbox, Received, SessionEnd, SessionOptions, run_session};
+use self::session::{OutPublish, Outbox, Received, SessionEnd, SessionOptions, Window, run_session};
 use crate::config::ExternalBrokerConfig;
 use crate::device_link::DeviceLink;
 use crate::device_messages::DeviceMessages;
@@ -48,6 +48,7 @@ const OUTBOX_CAPACITY: usize = 65_536;
 /// The fleet's connection to the external broker, before it runs.
 pub struct ExternalBroker {
     options: SessionOptions,
+    window_bytes: u64,
     outbox: Outbox,
     link: ExternalLink,
 }
@@ -133,7 +134,12 @@ impl ExternalBroker {
             filters,
         };
         let (queue, queued) = mpsc::channel(OUTBOX_CAPACITY);
-        Ok(Self { options, outbox: Outbox::new(queued), link: ExternalLink { queue } })
+        Ok(Self {
+            options,
+            window_bytes: config.receive_window_bytes,
+            outbox: Outbox::new(queued),
+            link: ExternalLink { queue },
+        })
     }
 
     /// The link the gateway and rollouts publish through.
@@ -150,18 +156,17 @@ impl ExternalBroker {
         connected: Arc<AtomicBool>,
         shutdown: CancellationToken,
     ) {
-        let Self { options, mut outbox, link } = self;
+        let Self { options, window_bytes, mut outbox, link } = self;
         // Publishes queued from here on still reach the outbox; this copy only keeps it open.
         drop(link);
-        let in_flight = Arc::new(Semaphore::new(usize::from(options.receive_maximum)));
+        let window = Window::new(options.receive_maximum, window_bytes);
         let mut deliver = |received: Received| {
             tokio::spawn(handle(Arc::clone(&messages), received.publish, received.done));
         };
         let mut backoff = Duration::from_millis(100);
         loop {
             let started = std::time::Instant::now();
-            let end =
-                run_session(&options, &mut outbox, &in_flight, &connected, &mut deliver, &shutdown).await;
+            let end = run_session(&options, &mut outbox, &window, &connected, &mut deliver, &shutdown).await;
             connected.store(false, Ordering::Relaxed);
             if matches!(end, SessionEnd::Shutdown) {
                 break;

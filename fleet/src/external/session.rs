@@ -90,6 +90,40 @@ pub(super) struct Received {
     pub done: Box<dyn FnOnce() + Send>,
 }
 
+/// The in-flight window, shared across connections: messages received and not yet acknowledged,
+/// bounded by their number and by their size.
+pub(super) struct Window {
+    messages: Arc<Semaphore>,
+    kib: Arc<Semaphore>,
+    kib_capacity: u32,
+}
+
+impl Window {
+    /// At most `messages` messages taking at most `bytes` bytes (counted in KiB, each message at
+    /// least one).
+    pub(super) fn new(messages: u16, bytes: u64) -> Self {
+        let kib_capacity =
+            u32::try_from((bytes / 1024).max(1)).unwrap_or(u32::MAX).min(Semaphore::MAX_PERMITS as u32);
+        Self {
+            messages: Arc::new(Semaphore::new(usize::from(messages.max(1)))),
+            kib: Arc::new(Semaphore::new(kib_capacity as usize)),
+            kib_capacity,
+        }
+    }
+
+    /// The KiB a message of `bytes` takes in the window (a message larger than the whole window
+    /// takes all of it).
+    fn kib_of(&self, bytes: usize) -> u32 {
+        u32::try_from(bytes.div_ceil(1024)).unwrap_or(u32::MAX).clamp(1, self.kib_capacity)
+    }
+}
+
+/// A message's place in the window; given back when dropped.
+pub(super) struct Place {
+    _message: OwnedSemaphorePermit,
+    _size: OwnedSemaphorePermit,
+}
+
 /// Why a connection ended.
 #[derive(Debug, thiserror::Error)]
 pub(super) enum SessionEnd {
@@ -121,15 +155,15 @@ trait Stream: AsyncRead + AsyncWrite + Send + Unpin {}
 impl<T: AsyncRead + AsyncWrite + Send + Unpin> Stream for T {}
 
 /// A PUBACK to write, and the window place it gives back once written.
-type Ack = (u16, OwnedSemaphorePermit);
+type Ack = (u16, Place);
 
 /// Connects, subscribes, sends the outbox's unacknowledged publishes again, then hands every
-/// message received to `deliver` until the connection ends or `shutdown` fires. `in_flight` is
-/// the window, shared across connections; `subscribed` turns true on the SUBACK.
+/// message received to `deliver` until the connection ends or `shutdown` fires. `window` is
+/// shared across connections; `subscribed` turns true on the SUBACK.
 pub(super) async fn run_session(
     options: &SessionOptions,
     outbox: &mut Outbox,
-    in_flight: &Arc<Semaphore>,
+    window: &Window,
     subscribed: &AtomicBool,
     deliver: &mut (dyn FnMut(Received) + Send),
     shutdown: &CancellationToken,
@@ -145,7 +179,7 @@ pub(super) async fn run_session(
     };
     let mut session = Session::new(options, stream, &connack, outbox);
     tracing::info!(session_present = connack.session_present, "connected to the external broker");
-    match session.run(&mut buf, in_flight, subscribed, deliver, shutdown).await {
+    match session.run(&mut buf, window, subscribed, deliver, shutdown).await {
         SessionEnd::Shutdown => {
             let _ = session
                 .write(&Packet::Disconnect(Disconnect::new(DisconnectReasonCode::NormalDisconnection)))
@@ -247,7 +281,7 @@ impl<'a> Session<'a> {
     async fn run(
         &mut self,
         buf: &mut BytesMut,
-        in_flight: &Arc<Semaphore>,
+        window: &Window,
         subscribed: &AtomicBool,
         deliver: &mut (dyn FnMut(Received) + Send),
         shutdown: &CancellationToken,
@@ -260,15 +294,32 @@ impl<'a> Session<'a> {
         ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let silence_limit = self.keep_alive * 2;
         let mut last_heard = Instant::now();
-        let mut place: Option<OwnedSemaphorePermit> = None;
+        // A place for one more message: the next packet is read only with one.
+        let mut slot: Option<OwnedSemaphorePermit> = None;
+        // A message read, waiting for room for its size.
+        let mut sizing: Option<(Publish, OwnedSemaphorePermit, u32)> = None;
         loop {
             // The packets already read, each with a place in the window.
-            if place.is_some() {
+            if let (Some(_), None) = (&slot, &sizing) {
                 match Packet::read(buf, Some(self.max_packet_bytes)) {
+                    Ok(Packet::Publish(publish)) => {
+                        last_heard = Instant::now();
+                        let message = slot.take().expect("checked");
+                        let kib = window.kib_of(publish.payload.len() + publish.topic.len());
+                        match Arc::clone(&window.kib).try_acquire_many_owned(kib) {
+                            Ok(size) => {
+                                let place = Place { _message: message, _size: size };
+                                if let Err(end) = admit(publish, place, &acks, deliver) {
+                                    return end;
+                                }
+                            }
+                            Err(_) => sizing = Some((publish, message, kib)),
+                        }
+                        continue;
+                    }
                     Ok(packet) => {
                         last_heard = Instant::now();
-                        let permit = place.take().expect("checked");
-                        if let Err(end) = self.receive(packet, permit, &acks, subscribed, deliver) {
+                        if let Err(end) = self.receive(packet, subscribed) {
                             return end;
                         }
                         continue;
@@ -277,24 +328,31 @@ impl<'a> Session<'a> {
                     Err(error) => return error.into(),
                 }
             }
-            if place.is_none()
-                && let Ok(permit) = Arc::clone(in_flight).try_acquire_owned()
+            if slot.is_none()
+                && let Ok(permit) = Arc::clone(&window.messages).try_acquire_owned()
             {
-                place = Some(permit);
+                slot = Some(permit);
                 // Time spent without a place in the window is not the broker's silence.
                 last_heard = Instant::now();
                 continue;
             }
             let sending = self.outbox.unacked.len() < self.broker_window;
-            let reading = place.is_some();
+            let reading = slot.is_some() && sizing.is_none();
+            let needed = sizing.as_ref().map_or(0, |(_, _, kib)| *kib);
             let result = tokio::select! {
                 biased;
                 () = shutdown.cancelled() => return SessionEnd::Shutdown,
                 Some(ack) = ack_queue.recv() => self.write_acks(ack, &mut ack_queue).await,
                 Some(publish) = self.outbox.queued.recv(), if sending => self.send(publish).await,
                 _ = ping.tick() => self.write(&Packet::PingReq(PingReq)).await,
-                permit = Arc::clone(in_flight).acquire_owned(), if !reading => {
-                    place = Some(permit.expect("the window is never closed"));
+                size = Arc::clone(&window.kib).acquire_many_owned(needed), if sizing.is_some() => {
+                    let (publish, message, _) = sizing.take().expect("checked");
+                    let place = Place { _message: message, _size: size.expect("the window is never closed") };
+                    last_heard = Instant::now();
+                    admit(publish, place, &acks, deliver)
+                }
+                permit = Arc::clone(&window.messages).acquire_owned(), if slot.is_none() => {
+                    slot = Some(permit.expect("the window is never closed"));
                     last_heard = Instant::now();
                     Ok(())
                 }
@@ -328,30 +386,9 @@ impl<'a> Session<'a> {
         self.flush().await
     }
 
-    /// Handles one packet read with `place` in the window.
-    fn receive(
-        &mut self,
-        packet: Packet,
-        place: OwnedSemaphorePermit,
-        acks: &mpsc::UnboundedSender<Ack>,
-        subscribed: &AtomicBool,
-        deliver: &mut (dyn FnMut(Received) + Send),
-    ) -> Result<(), SessionEnd> {
+    /// Handles a packet other than a message.
+    fn receive(&mut self, packet: Packet, subscribed: &AtomicBool) -> Result<(), SessionEnd> {
         match packet {
-            Packet::Publish(publish) => {
-                let done: Box<dyn FnOnce() + Send> = match publish.qos {
-                    QoS::AtMostOnce => Box::new(move || drop(place)),
-                    QoS::AtLeastOnce => {
-                        let (acks, pkid) = (acks.clone(), publish.pkid);
-                        // A closed queue: the connection is gone, and the broker sends the message again.
-                        Box::new(move || drop(acks.send((pkid, place))))
-                    }
-                    QoS::ExactlyOnce => {
-                        return Err(SessionEnd::Protocol("a QoS 2 message on a QoS 1 subscription".into()));
-                    }
-                };
-                deliver(Received { publish, done });
-            }
             Packet::PubAck(ack) => {
                 self.outbox.unacked.remove(&ack.pkid);
             }
@@ -423,6 +460,29 @@ impl<'a> Session<'a> {
     }
 }
 
+/// Hands a message to `deliver` with its place in the window, which comes back once its PUBACK is
+/// written (QoS 1) or once it is handled (QoS 0).
+fn admit(
+    publish: Publish,
+    place: Place,
+    acks: &mpsc::UnboundedSender<Ack>,
+    deliver: &mut (dyn FnMut(Received) + Send),
+) -> Result<(), SessionEnd> {
+    let done: Box<dyn FnOnce() + Send> = match publish.qos {
+        QoS::AtMostOnce => Box::new(move || drop(place)),
+        QoS::AtLeastOnce => {
+            let (acks, pkid) = (acks.clone(), publish.pkid);
+            // A closed queue: the connection is gone, and the broker sends the message again.
+            Box::new(move || drop(acks.send((pkid, place))))
+        }
+        QoS::ExactlyOnce => {
+            return Err(SessionEnd::Protocol("a QoS 2 message on a QoS 1 subscription".into()));
+        }
+    };
+    deliver(Received { publish, done });
+    Ok(())
+}
+
 fn publish_packet(publish: &OutPublish, pkid: u16) -> Publish {
     let properties = publish.correlation_data.clone().map(|correlation_data| PublishProperties {
         correlation_data: Some(correlation_data),
@@ -438,6 +498,16 @@ fn publish_packet(publish: &OutPublish, pkid: u16) -> Publish {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_message_takes_its_size_in_kib_of_the_window_at_least_one_and_at_most_all() {
+        let window = Window::new(10, 64 * 1024);
+        assert_eq!(window.kib_of(0), 1);
+        assert_eq!(window.kib_of(1024), 1);
+        assert_eq!(window.kib_of(1025), 2);
+        assert_eq!(window.kib_of(10 << 20), 64, "a message larger than the window takes all of it");
+        assert_eq!(Window::new(10, 100).kib_capacity, 1, "the window holds at least one message");
+    }
 
     #[test]
     fn packet_ids_skip_those_still_unacknowledged_and_zero() {
