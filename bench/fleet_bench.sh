@@ -101,6 +101,7 @@ loadgen --rate 0 --duration "$MAX_SECONDS" --drain 120 > "$RUN/max-load.json"
 wait_stored "$(json "$RUN/max-load.json" "['events_acked']")"
 FLEET_CPU=$(cpu_seconds "$FLEET_PID")
 FLEET_DISK=$(disk_bytes "$FLEET_PID")
+FLEET_PEAK_MIB=$(awk '/^VmHWM/ {print int($2 / 1024)}' "/proc/$FLEET_PID/status")
 BROKER_CPU_MAX=$(cpu_seconds "$BROKER")
 stop_fleet
 stop_broker
@@ -159,7 +160,7 @@ LOAD=$(cut -d' ' -f1-3 /proc/loadavg)
     echo "| tandem-fleet, $RATE events/s offered for ${SUSTAINED_SECONDS} s | $SUSTAINED | $P50 ms | $P99 ms | $LOSS_SUSTAINED |"
     echo
     echo "CPU per event: Mosquitto $BROKER_US_CEILING µs (ceiling run), $BROKER_US_MAX µs (into the fleet);"
-    echo "tandem-fleet $FLEET_US µs, and $FLEET_BYTES bytes written to disk per event (flat out)."
+    echo "tandem-fleet $FLEET_US µs, and $FLEET_BYTES bytes written to disk per event (flat out); its peak resident size $FLEET_PEAK_MIB MiB."
     echo "Load average at the end: $LOAD (2 vCPU; the load generator, Mosquitto and the fleet share them)."
 } | tee "$BENCH/results.md"
 [ "$LOSS_MAX" = 0 ] && [ "$LOSS_SUSTAINED" = 0 ] || { echo "fleet_bench: events were lost" >&2; exit 1; }
