@@ -10,28 +10,13 @@ use std::time::Duration;
 use serde_json::Value;
 
 use crate::fleet_support::{
-    FleetProcess, PersistentMosquitto, eventually, external_mqtt, finish_loadgen, fleet_config, loopback,
-    read_ids, spawn_loadgen,
+    FleetProcess, PersistentMosquitto, TelemetryLoad, eventually, external_mqtt, finish_loadgen,
+    fleet_config, loopback, read_ids,
 };
 
 /// 40 devices, 2000 events/s in batches of 5, for 8 s; acknowledged ids go to `acked`.
 fn load(broker: &str, acked: &Path) -> std::process::Child {
-    spawn_loadgen(&[
-        "--url",
-        broker,
-        "--devices",
-        "40",
-        "--rate",
-        "2000",
-        "--batch",
-        "5",
-        "--duration",
-        "8",
-        "--drain",
-        "40",
-        "--acked-ids",
-        acked.to_str().unwrap(),
-    ])
+    TelemetryLoad { broker, devices: 40, rate: 2000, batch: 5, seconds: 8, acked }.spawn(&["--drain", "40"])
 }
 
 /// Every acknowledged event is stored once (`all_event_ids` fails on a repeated id), and nothing

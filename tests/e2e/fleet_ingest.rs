@@ -283,7 +283,7 @@ fn the_stats_api_returns_the_numbers_of_a_known_workload_on_sqlite_and_postgres(
 
 #[test]
 fn two_fleet_instances_split_the_load_with_a_shared_subscription() {
-    use crate::fleet_support::{PersistentMosquitto, finish_loadgen, read_ids, spawn_loadgen};
+    use crate::fleet_support::{PersistentMosquitto, TelemetryLoad, finish_loadgen, read_ids};
     let work = tempfile::tempdir().unwrap();
     let broker = PersistentMosquitto::start(None);
     let postgres = TestPostgres::start();
@@ -298,20 +298,9 @@ fn two_fleet_instances_split_the_load_with_a_shared_subscription() {
         })
         .collect();
     let acked = work.path().join("acked.txt");
-    let load = spawn_loadgen(&[
-        "--url",
-        &broker.url(),
-        "--devices",
-        "20",
-        "--rate",
-        "1000",
-        "--batch",
-        "5",
-        "--duration",
-        "4",
-        "--acked-ids",
-        acked.to_str().unwrap(),
-    ]);
+    let url = broker.url();
+    let load = TelemetryLoad { broker: &url, devices: 20, rate: 1000, batch: 5, seconds: 4, acked: &acked }
+        .spawn(&[]);
     let report = finish_loadgen(load);
     let acked = read_ids(&acked);
     assert!(acked.len() > 2000, "{report}");
@@ -326,7 +315,7 @@ fn two_fleet_instances_split_the_load_with_a_shared_subscription() {
 
 #[test]
 fn a_fleet_behind_a_flooding_broker_holds_no_more_than_its_receive_maximum_of_messages() {
-    use crate::fleet_support::{PersistentMosquitto, finish_loadgen, read_ids, spawn_loadgen};
+    use crate::fleet_support::{PersistentMosquitto, TelemetryLoad, finish_loadgen, read_ids};
     const RECEIVE_MAXIMUM: f64 = 50.0;
     let work = tempfile::tempdir().unwrap();
     let broker = PersistentMosquitto::start(None);
@@ -338,20 +327,9 @@ fn a_fleet_behind_a_flooding_broker_holds_no_more_than_its_receive_maximum_of_me
     let acked = work.path().join("acked.txt");
     // Flat out: the devices publish as fast as Mosquitto acknowledges, far faster than the fleet
     // commits, and Mosquitto hands the backlog on as fast as the fleet reads it.
-    let load = spawn_loadgen(&[
-        "--url",
-        &broker.url(),
-        "--devices",
-        "20",
-        "--rate",
-        "0",
-        "--batch",
-        "5",
-        "--duration",
-        "2",
-        "--acked-ids",
-        acked.to_str().unwrap(),
-    ]);
+    let url = broker.url();
+    let load =
+        TelemetryLoad { broker: &url, devices: 20, rate: 0, batch: 5, seconds: 2, acked: &acked }.spawn(&[]);
     let mut most_waiting: f64 = 0.0;
     let mut sample = || most_waiting = most_waiting.max(fleet.metric("tandem_fleet_ingest_queue_depth"));
     let started = std::time::Instant::now();

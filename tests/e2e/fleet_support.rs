@@ -197,7 +197,7 @@ pub fn loopback() -> SocketAddr {
 }
 
 /// Starts `tandem-fleet loadgen` with `args` in the background.
-pub fn spawn_loadgen(args: &[&str]) -> Child {
+fn spawn_loadgen(args: &[&str]) -> Child {
     Command::new(fleet_binary())
         .arg("loadgen")
         .args(args)
@@ -206,6 +206,33 @@ pub fn spawn_loadgen(args: &[&str]) -> Child {
         .stderr(Stdio::piped())
         .spawn()
         .expect("the load generator starts")
+}
+
+/// How the load generator's simulated devices publish telemetry.
+pub struct TelemetryLoad<'a> {
+    pub broker: &'a str,
+    pub devices: u32,
+    /// Events per second over all devices; 0: as fast as the broker acknowledges.
+    pub rate: u32,
+    /// Events per message.
+    pub batch: u32,
+    pub seconds: u32,
+    /// Where the ids of the events the broker acknowledged are written.
+    pub acked: &'a Path,
+}
+
+impl TelemetryLoad<'_> {
+    /// Starts the load generator with this load and `extra` arguments, in the background.
+    pub fn spawn(&self, extra: &[&str]) -> Child {
+        let numbers = [self.devices, self.rate, self.batch, self.seconds].map(|n| n.to_string());
+        let acked = self.acked.to_str().expect("a UTF-8 path");
+        let mut args = vec!["--url", self.broker, "--acked-ids", acked];
+        for (flag, value) in ["--devices", "--rate", "--batch", "--duration"].iter().zip(&numbers) {
+            args.extend([*flag, value.as_str()]);
+        }
+        args.extend(extra);
+        spawn_loadgen(&args)
+    }
 }
 
 /// Waits for a background load generator; returns its report.

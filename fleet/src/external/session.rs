@@ -45,6 +45,9 @@ pub(super) struct SessionOptions {
     pub filters: Vec<String>,
 }
 
+/// The spare room made in the read buffer when it runs low.
+const READ_CHUNK: usize = 64 * 1024;
+
 /// Longest wait for the TCP and TLS handshakes and the CONNACK.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -224,7 +227,7 @@ async fn connect(options: &SessionOptions) -> Result<(Box<dyn Stream>, ConnAck, 
     Packet::Connect(connect, None, options.login.clone()).write(&mut out, None)?;
     stream.write_all(&out).await?;
     stream.flush().await?;
-    let mut buf = BytesMut::with_capacity(64 * 1024);
+    let mut buf = BytesMut::with_capacity(READ_CHUNK);
     loop {
         match Packet::read(&mut buf, Some(options.max_packet_bytes)) {
             Ok(Packet::ConnAck(connack)) if connack.code == ConnectReturnCode::Success => {
@@ -233,6 +236,7 @@ async fn connect(options: &SessionOptions) -> Result<(Box<dyn Stream>, ConnAck, 
             Ok(Packet::ConnAck(connack)) => return Err(SessionEnd::Refused(connack.code)),
             Ok(other) => return Err(SessionEnd::Protocol(format!("expected CONNACK, got {other:?}"))),
             Err(CodecError::InsufficientBytes(_)) => {
+                buf.reserve(READ_CHUNK);
                 if stream.read_buf(&mut buf).await? == 0 {
                     return Err(SessionEnd::Closed);
                 }
@@ -338,6 +342,10 @@ impl<'a> Session<'a> {
             }
             let sending = self.outbox.unacked.len() < self.broker_window;
             let reading = slot.is_some() && sizing.is_none();
+            if reading && buf.capacity() - buf.len() < READ_CHUNK / 4 {
+                // Room for a large read (tokio reads only into spare capacity).
+                buf.reserve(READ_CHUNK);
+            }
             let needed = sizing.as_ref().map_or(0, |(_, _, kib)| *kib);
             let result = tokio::select! {
                 biased;
