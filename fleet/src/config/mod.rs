@@ -91,7 +91,7 @@ pub struct StoreConfig {
     /// PostgreSQL password, when the URL carries none (file, environment or systemd credential).
     #[serde(default)]
     pub password: Option<SecretSource>,
-    /// Largest number of database connections.
+    /// Largest number of database connections for queries; telemetry is written on one more.
     #[serde(default = "default_max_connections")]
     pub max_connections: u32,
 }

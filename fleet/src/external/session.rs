@@ -28,7 +28,6 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 /// How to reach and log in to the broker.
-#[derive(Clone)]
 pub(super) struct SessionOptions {
     pub host: String,
     pub port: u16,
@@ -144,7 +143,7 @@ pub(super) enum SessionEnd {
     Closed,
     #[error("the broker disconnected this client: {0:?}")]
     Disconnected(DisconnectReasonCode),
-    #[error("nothing heard from the broker for {0:?}")]
+    #[error("the broker neither answered nor took what was sent for {0:?}")]
     Silent(Duration),
 }
 
@@ -461,10 +460,18 @@ impl<'a> Session<'a> {
         self.flush().await
     }
 
+    /// Writes what `out` holds; a broker that takes none of it for twice the keep-alive is given
+    /// up on, so that a stalled connection neither hangs the session nor the fleet's shutdown.
     async fn flush(&mut self) -> Result<(), SessionEnd> {
-        self.stream.write_all(&self.out).await?;
-        self.stream.flush().await?;
-        Ok(())
+        let limit = self.keep_alive * 2;
+        let write = async {
+            self.stream.write_all(&self.out).await?;
+            self.stream.flush().await
+        };
+        match tokio::time::timeout(limit, write).await {
+            Ok(written) => Ok(written?),
+            Err(_) => Err(SessionEnd::Silent(limit)),
+        }
     }
 }
 

@@ -79,8 +79,8 @@ impl Store {
     ///
     /// Telemetry batches are written on a connection of their own, always the same one: a pool
     /// hands out its idle connections in turn, and on SQLite every connection other than the
-    /// last writer finds its page cache stale, so it read the pages back and refilled (and
-    /// re-allocated) a 64 MiB cache for every batch, on each of the pool's connections.
+    /// last writer finds its page cache stale, so each batch read its pages back and refilled
+    /// (and re-allocated) a 64 MiB cache, on each of the pool's connections in turn.
     pub async fn open(config: &StoreConfig) -> Result<Self, StoreError> {
         sqlx::any::install_default_drivers();
         let (url, backend) = connection_url(config)?;
